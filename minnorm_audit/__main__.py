@@ -1,0 +1,3 @@
+from minnorm_audit.cli import main
+
+main()
