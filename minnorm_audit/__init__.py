@@ -2,8 +2,14 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .minnorm import Minnorm, StateMismatchError, default_norm_parameters
-from .scores import (
+try:
+    __version__ = version("minnorm-audit")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+from .audit import AuditOptions, AuditResult, audit  # noqa: E402
+from .minnorm import Minnorm, StateMismatchError, default_norm_parameters  # noqa: E402
+from .scores import (  # noqa: E402
     difficulty_scores,
     flag_examples,
     label_concentration,
@@ -11,12 +17,10 @@ from .scores import (
     suggested_labels,
 )
 
-try:
-    __version__ = version("minnorm-audit")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
 __all__ = [
+    "AuditOptions",
+    "AuditResult",
+    "audit",
     "Minnorm",
     "StateMismatchError",
     "__version__",

@@ -76,19 +76,29 @@ def suggested_labels(multipliers: np.ndarray, given_labels: np.ndarray) -> np.nd
 
 
 def label_concentration(multipliers: np.ndarray) -> np.ndarray:
-    """Share of an example's multiplier mass on its strongest competing class, in [0, 1].
+    """How strongly an example's multiplier mass points at ONE competing class, in [0, 1].
 
-    1 means every bit of the push goes toward one other class; ``1 / (K - 1)`` means it
-    is spread evenly. 0 for examples with no mass. The binary form is always 1 where
-    the multiplier is positive.
+    The share of the mass on the strongest competing class, rescaled so that 0 means
+    spread evenly over the ``K - 1`` competing classes and 1 means all on one class
+    (so one threshold works for any class count). 0 for examples with no mass; the
+    binary form (one competing class) is 1 wherever the multiplier is positive.
+
+    Parameters
+    ----------
+    multipliers : ndarray, shape (n_examples, K)
+        Per-class multiplier mass (own-label column zero).
     """
     multipliers = np.asarray(multipliers, dtype=np.float64)
     if multipliers.ndim == 1:
         multipliers = multipliers[:, None]
+    competing_classes = max(multipliers.shape[1] - 1, 1)
     total = multipliers.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         share = np.where(total > 0, multipliers.max(axis=1) / np.where(total > 0, total, 1.0), 0.0)
-    return share
+    if competing_classes == 1:
+        return np.where(total > 0, 1.0, 0.0)
+    uniform = 1.0 / competing_classes
+    return np.where(total > 0, np.clip((share - uniform) / (1.0 - uniform), 0.0, 1.0), 0.0)
 
 
 def percentile_ranks(scores: np.ndarray) -> np.ndarray:
@@ -132,7 +142,7 @@ def flag_examples(
     *,
     flag_fraction: float | None = None,
     threshold: float | None = None,
-    concentration_threshold: float = 0.5,
+    concentration_threshold: float = 0.1,
 ) -> tuple[np.ndarray, dict[str, float | str]]:
     """Turn scores into ``"mislabeled"`` / ``"hard"`` / ``"ok"``.
 
@@ -151,7 +161,9 @@ def flag_examples(
     flag_fraction : float, optional
         In (0, 1].
     threshold : float, optional
-    concentration_threshold : float, default=0.5
+    concentration_threshold : float, default=0.1
+        Measured on digits with 10% flips: at 0.1 nearly all caught flips are
+        called mislabeled (benchmarks/label_noise.py).
 
     Returns
     -------

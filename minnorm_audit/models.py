@@ -1,0 +1,100 @@
+"""Default networks per modality.
+
+Minnorm wants over-parameterized networks that can fit every example, and no
+normalization layers in the norm term (ALGORITHM.md): the defaults are an MLP for
+tables and a plain CNN without batch norm for images. Inputs are standardized by a
+fixed (non-trainable) first layer computed from the data, so the network sees
+zero-mean, unit-variance features (the prototype's violation floor was 3x lower).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with statistics frozen as buffers; uint8 images become float."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("std", std.float().clamp_min(1e-6))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (inputs.float() - self.mean) / self.std
+
+
+def standardizer_for(inputs: torch.Tensor) -> Standardize:
+    """Per-feature statistics for tables ``(N, D)``; per-channel for images ``(N, C, H, W)``."""
+    values = inputs.float()
+    if values.ndim == 2:
+        return Standardize(values.mean(0), values.std(0, unbiased=False))
+    dims = [0] + list(range(2, values.ndim))
+    shape = [1, values.shape[1]] + [1] * (values.ndim - 2)
+    return Standardize(values.mean(dims).reshape(shape), values.std(dims, unbiased=False).reshape(shape))
+
+
+def mlp(num_features: int, num_outputs: int, *, hidden: int = 512, depth: int = 2) -> nn.Sequential:
+    """ReLU MLP, ``depth`` hidden layers of width ``hidden``."""
+    layers: list[nn.Module] = []
+    width = num_features
+    for _ in range(depth):
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, num_outputs))
+    return nn.Sequential(*layers)
+
+
+def plain_cnn(in_channels: int, num_outputs: int, *, width: int = 32) -> nn.Sequential:
+    """A VGG-like CNN without normalization layers, for images of any size >= 8."""
+    def block(inputs: int, outputs: int) -> list[nn.Module]:
+        return [nn.Conv2d(inputs, outputs, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+
+    return nn.Sequential(
+        *block(in_channels, width),
+        *block(width, 2 * width),
+        *block(2 * width, 4 * width),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, num_outputs),
+    )
+
+
+def build_model(
+    name: str, inputs: torch.Tensor, num_outputs: int
+) -> nn.Module:
+    """The network for ``name`` with a data-derived standardizer in front.
+
+    Parameters
+    ----------
+    name : {"auto", "mlp", "cnn"} or a torchvision model name (e.g. "resnet18")
+        ``auto`` picks ``mlp`` for tables and ``cnn`` for images. torchvision models are
+        built untrained (no weights are downloaded); their normalization layers and
+        the layers feeding them are left out of the norm term
+        (:func:`minnorm.default_norm_parameters`).
+    inputs : Tensor
+        The training inputs (statistics for the standardizer, shape for the network).
+    num_outputs : int
+    """
+    is_image = inputs.ndim == 4
+    if name == "auto":
+        name = "cnn" if is_image else "mlp"
+    if name == "mlp":
+        body: nn.Module = mlp(int(inputs[0].numel()), num_outputs)
+        if is_image:
+            body = nn.Sequential(nn.Flatten(), body)
+    elif name == "cnn":
+        if not is_image:
+            raise ValueError("--model cnn needs image data; use mlp for tables")
+        body = plain_cnn(int(inputs.shape[1]), num_outputs)
+    else:
+        if not is_image:
+            raise ValueError(f"--model {name} needs image data; use mlp for tables")
+        import torchvision
+
+        try:
+            body = torchvision.models.get_model(name, weights=None, num_classes=num_outputs)
+        except ValueError as error:
+            raise ValueError(f"unknown model {name!r}: use auto, mlp, cnn or a torchvision model name") from error
+    return nn.Sequential(standardizer_for(inputs), body)

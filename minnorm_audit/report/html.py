@@ -1,0 +1,572 @@
+"""The HTML report: one self-contained page rendered from a run folder's files.
+
+The page reads only what :func:`~minnorm_audit.report.parquet.load_run` returns (never
+live training state), embeds only the gallery rows (never every example), inlines its
+CSS, script, plots and thumbnails, and loads nothing from anywhere: a Content Security
+Policy allows ``data:`` images, inline styles and exactly one inline script (by its
+SHA-256 hash), so even a markup injection that slipped past autoescaping could not run
+code or make a request.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+from markupsafe import Markup
+
+from .parquet import REPORT_FILE, RunFiles, atomic_write_text, load_run
+
+__all__ = [
+    "GALLERY_MAX_ITEMS",
+    "LABEL_PAIRS_MAX_ROWS",
+    "SET_ASIDE_MAX_ROWS",
+    "build_report_html",
+    "content_security_policy",
+    "make_environment",
+    "render_report",
+]
+
+SET_ASIDE_MAX_ROWS = 200
+LABEL_PAIRS_MAX_ROWS = 20
+GALLERY_MAX_ITEMS = 500
+TEMPLATE_NAME = "report.html.j2"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FLAGS = ("mislabeled", "hard", "ok")
+
+# Columns of examples.parquet the page needs; the rest (per-class multipliers, ...)
+# is never read, so a large run stays cheap to render.
+REPORT_EXAMPLE_COLUMNS = (
+    "difficulty",
+    "flag",
+    "given_label",
+    "suggested_label",
+    "given_target",
+    "predicted_target",
+)
+
+FLAG_COLORS = {"ok": "#9aa5b1", "hard": "#d97706", "mislabeled": "#dc2626"}
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def render_report(run_dir: str | os.PathLike[str]) -> Path:
+    """Render ``report.html`` into a run folder from the folder's own files.
+
+    Parameters
+    ----------
+    run_dir : path-like
+        A folder holding ``examples.parquet``, ``summary.json``, ``set_aside.parquet``
+        and ``gallery.parquet``.
+
+    Returns
+    -------
+    Path
+        The written ``report.html`` (replaced atomically).
+    """
+    run = load_run(run_dir, example_columns=REPORT_EXAMPLE_COLUMNS)
+    page = build_report_html(run)
+    return atomic_write_text(Path(run_dir) / REPORT_FILE, page)
+
+
+def build_report_html(run: RunFiles) -> str:
+    """The report page for ``run`` as one self-contained HTML string."""
+    environment = make_environment()
+    script = _asset_text("report.js")
+    context = _report_context(run)
+    context.update(
+        css=Markup(_asset_text("report.css")),
+        script=Markup(script),
+        content_security_policy=content_security_policy(script),
+    )
+    return environment.get_template(TEMPLATE_NAME).render(**context)
+
+
+def make_environment() -> Environment:
+    """The jinja2 environment for the report: autoescape on for our templates (and
+    by default for anything else), undefined names are errors."""
+    environment = Environment(
+        loader=PackageLoader("minnorm_audit.report", "templates"),
+        autoescape=select_autoescape(enabled_extensions=("html", "htm", "xml", "j2"), default=True),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters.update(count=format_count, number=format_number, percent=format_percent)
+    return environment
+
+
+def content_security_policy(script: str) -> str:
+    """The page's policy: nothing loads from anywhere; ``data:`` images, inline styles
+    and the one inline ``script`` (allowed by its SHA-256 hash) are all that run."""
+    digest = base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
+    return (
+        "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+        f"script-src 'sha256-{digest}'; base-uri 'none'; form-action 'none'"
+    )
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_count(value: Any) -> str:
+    """``1234567`` -> ``"1,234,567"``; missing -> an em dash."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "\u2014"
+    return f"{int(value):,}"
+
+
+def format_number(value: Any) -> str:
+    """Short form of a number for tables (4 significant digits); text passes through."""
+    if value is None:
+        return "\u2014"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"
+    if isinstance(value, (float, np.floating)):
+        number = float(value)
+        if math.isnan(number):
+            return "\u2014"
+        if math.isinf(number):
+            return "\u221e" if number > 0 else "\u2212\u221e"
+        if number == int(number) and abs(number) < 1e15:
+            return f"{int(number):,}"
+        if abs(number) >= 1e5 or abs(number) < 1e-3:
+            return f"{number:.3e}"
+        return f"{number:.4g}"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def format_percent(value: Any, digits: int = 1) -> str:
+    """A share in [0, 1] as a percentage."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "\u2014"
+    return f"{100.0 * float(value):.{digits}f}%"
+
+
+# --------------------------------------------------------------------------- context
+
+
+def _asset_text(name: str) -> str:
+    return (resources.files("minnorm_audit.report") / "templates" / name).read_text(encoding="utf-8")
+
+
+def _report_context(run: RunFiles) -> dict[str, Any]:
+    summary = run.summary
+    examples = run.examples
+    regression = run.task == "regression"
+    class_names = [str(name) for name in (summary.get("class_names") or run.metadata.get("class_names") or [])]
+
+    flags = examples["flag"].astype(str) if "flag" in examples else pd.Series([], dtype=str)
+    counts = {flag: int((flags == flag).sum()) for flag in FLAGS}
+    num_examples = len(examples)
+    num_set_aside = len(run.set_aside)
+
+    flag_rule = dict(summary.get("flag_rule") or {})
+    threshold = _finite_or_none(flag_rule.get("difficulty_threshold"))
+    difficulty = examples["difficulty"].to_numpy(dtype=np.float64) if "difficulty" in examples else np.array([])
+
+    context: dict[str, Any] = {
+        "title": f"minnorm-audit report: {summary.get('data', run.run_dir.name)}",
+        "summary": summary,
+        "data_path": str(summary.get("data", "")),
+        "tool_version": str(summary.get("version", "")),
+        "run_name": run.run_dir.name,
+        "kind": str(summary.get("kind") or run.metadata.get("kind") or ""),
+        "task": run.task,
+        "regression": regression,
+        "num_examples": num_examples,
+        "num_set_aside": num_set_aside,
+        "counts": counts,
+        "num_classes": len(class_names),
+        "warnings": _consistency_warnings(summary, num_examples, num_set_aside, counts),
+        "demo": _demo(summary.get("demo")),
+        "flag_rule": flag_rule,
+        "threshold": threshold,
+        "num_zero_difficulty": int((difficulty == 0).sum()),
+        "difficulty_plot": Markup(_difficulty_plot_svg(difficulty, flags.to_numpy(), threshold)),
+        "history_plot": Markup(_history_plot_svg(summary.get("history") or [], summary.get("diagnostics") or {})),
+        "diagnostics": _rows(summary.get("diagnostics") or {}),
+        "timings": _rows(summary.get("timings") or {}),
+        "config": _rows(summary.get("config") or {}),
+        "provenance": _provenance_rows(run.metadata, skip=set(summary.get("config") or {})),
+    }
+
+    if regression or "given_label" not in examples:
+        context.update(per_class=[], label_pairs=[], num_label_pairs=0)
+    else:
+        context.update(_label_tables(examples, class_names))
+
+    gallery = run.gallery
+    context["gallery_total"] = len(gallery)
+    gallery = gallery.head(GALLERY_MAX_ITEMS)
+    items = [_gallery_item(row, regression) for row in gallery.to_dict("records")]
+    context["gallery"] = items
+    context["gallery_flags"] = [flag for flag in FLAGS if any(item["flag"] == flag for item in items)]
+    context["gallery_classes"] = _gallery_classes(items, class_names)
+
+    set_aside = run.set_aside
+    context["set_aside"] = [
+        {"source": str(row.get("source", "")), "reason": str(row.get("reason", ""))}
+        for row in set_aside.head(SET_ASIDE_MAX_ROWS).to_dict("records")
+    ]
+    context["set_aside_hidden"] = max(0, len(set_aside) - SET_ASIDE_MAX_ROWS)
+    context["set_aside_reasons"] = (
+        [
+            {"reason": str(reason), "count": int(count)}
+            for reason, count in set_aside["reason"].astype(str).value_counts().items()
+        ]
+        if len(set_aside) and "reason" in set_aside
+        else []
+    )
+    return context
+
+
+def _demo(demo: Any) -> dict[str, Any] | None:
+    if not isinstance(demo, Mapping):
+        return None
+    return {key: _finite_or_none(demo.get(key)) for key in ("precision", "recall", "noise_rate", "num_flipped")}
+
+
+def _consistency_warnings(
+    summary: Mapping[str, Any], num_examples: int, num_set_aside: int, counts: Mapping[str, int]
+) -> list[str]:
+    """Disagreements between summary.json and the Parquet files (the page shows the
+    Parquet figures)."""
+    warnings = []
+    if "num_examples" in summary and summary["num_examples"] != num_examples:
+        warnings.append(
+            f"summary.json says {summary['num_examples']} examples; examples.parquet has {num_examples} rows."
+        )
+    if "num_set_aside" in summary and summary["num_set_aside"] != num_set_aside:
+        warnings.append(
+            f"summary.json says {summary['num_set_aside']} set aside; set_aside.parquet has {num_set_aside} rows."
+        )
+    for flag, count in (summary.get("counts") or {}).items():
+        if flag in counts and count != counts[flag]:
+            warnings.append(f"summary.json counts {count} '{flag}'; examples.parquet has {counts[flag]}.")
+    return warnings
+
+
+def _label_tables(examples: pd.DataFrame, class_names: Sequence[str]) -> dict[str, Any]:
+    given = examples["given_label"].astype(str)
+    flags = examples["flag"].astype(str)
+    table = pd.crosstab(given, flags)
+    for flag in FLAGS:
+        if flag not in table:
+            table[flag] = 0
+    order = list(class_names) + sorted(set(table.index) - set(class_names))
+    per_class = []
+    for position, name in enumerate(order):
+        if name in table.index:
+            row = table.loc[name]
+            count = int(row.sum())
+            mislabeled, hard = int(row["mislabeled"]), int(row["hard"])
+        else:
+            count = mislabeled = hard = 0
+        per_class.append(
+            {
+                "name": name,
+                "count": count,
+                "mislabeled": mislabeled,
+                "hard": hard,
+                "mislabeled_rate": mislabeled / count if count else 0.0,
+                "hard_rate": hard / count if count else 0.0,
+                "position": position,
+            }
+        )
+    per_class.sort(key=lambda row: (-row["mislabeled_rate"], -row["hard_rate"], row["position"]))
+
+    mislabeled = examples.loc[flags == "mislabeled"]
+    pairs: list[dict[str, Any]] = []
+    num_pairs = 0
+    if len(mislabeled) and "suggested_label" in mislabeled:
+        sizes = (
+            mislabeled.assign(given=given[flags == "mislabeled"], suggested=mislabeled["suggested_label"].astype(str))
+            .groupby(["given", "suggested"], sort=False)
+            .size()
+            .sort_values(ascending=False, kind="stable")
+        )
+        num_pairs = len(sizes)
+        class_counts = given.value_counts()
+        for (given_label, suggested_label), count in sizes.head(LABEL_PAIRS_MAX_ROWS).items():
+            pairs.append(
+                {
+                    "given": given_label,
+                    "suggested": suggested_label,
+                    "count": int(count),
+                    "share_of_given": int(count) / int(class_counts.get(given_label, 0) or 1),
+                }
+            )
+    max_rate = max((row["mislabeled_rate"] + row["hard_rate"] for row in per_class), default=0.0)
+    return {"per_class": per_class, "per_class_max_rate": max_rate, "label_pairs": pairs, "num_label_pairs": num_pairs}
+
+
+def _gallery_item(row: Mapping[str, Any], regression: bool) -> dict[str, Any]:
+    thumbnail = row.get("thumbnail_png")
+    thumbnail_uri = None
+    if isinstance(thumbnail, (bytes, bytearray, memoryview)) and bytes(thumbnail[:8]) == PNG_SIGNATURE:
+        thumbnail_uri = "data:image/png;base64," + base64.b64encode(bytes(thumbnail)).decode("ascii")
+    features: list[tuple[str, str]] | None = None
+    features_raw = None
+    raw = row.get("feature_values")
+    if isinstance(raw, str) and raw:
+        try:
+            parsed = json.loads(raw)
+        except json.JSONDecodeError:
+            features_raw = raw
+        else:
+            if isinstance(parsed, Mapping):
+                features = [(str(name), format_number(value)) for name, value in parsed.items()]
+            else:
+                features_raw = raw
+    item = {
+        "example_id": _int_or_none(row.get("example_id")),
+        "source": _text(row.get("source")),
+        "flag": _text(row.get("flag")),
+        "difficulty": _finite_or_none(row.get("difficulty")),
+        "percentile": _finite_or_none(row.get("difficulty_percentile")),
+        "thumbnail": thumbnail_uri,
+        "features": features,
+        "features_raw": features_raw,
+        "given": _text(row.get("given_label")),
+        "suggested": _text(row.get("suggested_label")),
+        "competing": _text(row.get("competing_label")),
+    }
+    if regression:
+        given_target = _finite_or_none(row.get("given_target"))
+        predicted_target = _finite_or_none(row.get("predicted_target"))
+        item.update(
+            given_target=given_target,
+            predicted_target=predicted_target,
+            residual=None if given_target is None or predicted_target is None else predicted_target - given_target,
+        )
+    return item
+
+
+def _gallery_classes(items: Iterable[Mapping[str, Any]], class_names: Sequence[str]) -> list[dict[str, Any]]:
+    involved: dict[str, int] = {}
+    for item in items:
+        for name in {item["given"], item["suggested"]}:
+            if name:
+                involved[name] = involved.get(name, 0) + 1
+    order = [name for name in class_names if name in involved]
+    order += sorted(set(involved) - set(order))
+    return [{"name": name, "count": involved[name]} for name in order]
+
+
+def _rows(mapping: Mapping[str, Any]) -> list[tuple[str, str]]:
+    return [(str(key), format_number(value)) for key, value in mapping.items()]
+
+
+def _provenance_rows(metadata: Mapping[str, Any], *, skip: set[str]) -> list[tuple[str, str]]:
+    """Seed, dataset fingerprint and versions from the Parquet metadata (keys already
+    shown with the settings are left out)."""
+    rows = []
+    for key in ("seed", "dataset_fingerprint", "fingerprint", "versions"):
+        if key in metadata and key not in skip:
+            value = metadata[key]
+            if isinstance(value, Mapping):
+                rows.extend((f"{key}.{name}", format_number(item)) for name, item in value.items())
+            else:
+                rows.append((key, format_number(value)))
+    return rows
+
+
+def _text(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value)
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return None if value is None or pd.isna(value) else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _finite_or_none(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _svg(figure: Any, *, salt: str, label: str) -> str:
+    """A matplotlib figure as inline SVG: text kept as text, no XML prolog, doctype or
+    metadata, ids salted per figure so two plots on one page cannot collide."""
+    import matplotlib
+
+    buffer = io.StringIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": salt}):
+        figure.savefig(buffer, format="svg", metadata={"Date": None, "Creator": None})
+    svg = buffer.getvalue()
+    svg = re.sub(r"<\?xml[^>]*\?>\s*", "", svg)
+    svg = re.sub(r"<!DOCTYPE[^>]*>\s*", "", svg)
+    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg, flags=re.DOTALL)
+    svg = re.sub(r"<svg ", f'<svg role="img" aria-label="{label}" ', svg, count=1)
+    return svg.strip()
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height))
+    return figure
+
+
+def _plain_log_axis(axis: Any, *, counts: bool, values: np.ndarray | None = None) -> None:
+    """Log-scale tick labels as plain numbers ("1,000", "0.001"), not mathtext powers:
+    easier to read, and far cheaper to lay out. Minor ticks get labels too when the
+    values span less than a decade (there may be no major tick at all)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    if counts:
+        axis.set_major_formatter(FuncFormatter(lambda value, _position: f"{value:,.0f}" if value >= 1 else ""))
+        axis.set_minor_formatter(NullFormatter())
+        return
+    plain = FuncFormatter(lambda value, _position: f"{value:.2g}")
+    axis.set_major_formatter(plain)
+    finite = values[np.isfinite(values) & (values > 0)] if values is not None else np.array([])
+    narrow = finite.size > 0 and finite.max() / finite.min() < 10
+    axis.set_minor_formatter(plain if narrow else NullFormatter())
+
+
+def _style_axes(axes: Any) -> None:
+    axes.spines[["top", "right"]].set_visible(False)
+    axes.spines[["left", "bottom"]].set_color("#9aa5b1")
+    axes.tick_params(colors="#334155", labelsize=8)
+    axes.grid(axis="y", color="#e2e8f0", linewidth=0.6)
+    axes.set_axisbelow(True)
+
+
+def _difficulty_plot_svg(difficulty: np.ndarray, flags: np.ndarray, threshold: float | None) -> str:
+    """Histogram of difficulty per flag (log counts) with the flag threshold marked.
+
+    Bins are linear, or logarithmic above a small linear range when the scores span
+    several orders of magnitude (the usual case: most examples near zero, a long tail).
+    """
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    finite = np.isfinite(difficulty)
+    values, flags = difficulty[finite], np.asarray(flags)[finite]
+    figure = _new_figure(10.5, 3.3)
+    axes = figure.add_subplot()
+    _style_axes(axes)
+    if values.size == 0:
+        axes.text(0.5, 0.5, "no scores", ha="center", va="center", transform=axes.transAxes)
+        return _svg(figure, salt="difficulty", label="difficulty histogram (empty)")
+    low, high = float(values.min()), float(values.max())
+    positive = values[values > 0]
+    log_bins = False
+    if positive.size and low >= 0:
+        small = float(np.quantile(positive, 0.05))
+        log_bins = small > 0 and high / small > 1000
+    if log_bins:
+        linear_limit = small
+        edges = np.concatenate([np.linspace(0.0, linear_limit, 5)[:-1], np.geomspace(linear_limit, high, 57)])
+        axes.set_xscale("symlog", linthresh=linear_limit, linscale=1.0)
+    else:
+        if high == low:
+            low, high = low - 0.5, high + 0.5
+        edges = np.linspace(low, high, 61)
+    # Largest group first, so the smaller flagged groups are drawn on top of it.
+    for flag in sorted(FLAGS, key=lambda name: -int((flags == name).sum())):
+        selected = values[flags == flag]
+        if not selected.size:
+            continue
+        counts, _ = np.histogram(selected, bins=edges)
+        label = f"{flag} ({selected.size:,})"
+        if flag == "ok":
+            axes.hist(edges[:-1], bins=edges, weights=counts, histtype="stepfilled", color="#cbd2da", log=True, label=label)
+        else:  # outlines with a light fill: overlapping flagged groups stay readable
+            axes.hist(edges[:-1], bins=edges, weights=counts, histtype="stepfilled", color=FLAG_COLORS[flag], alpha=0.18, log=True)
+            axes.hist(
+                edges[:-1], bins=edges, weights=counts, histtype="step", color=FLAG_COLORS[flag], linewidth=1.6, log=True, label=label
+            )
+    other = ~np.isin(flags, FLAGS)
+    if other.any():
+        counts, _ = np.histogram(values[other], bins=edges)
+        axes.hist(edges[:-1], bins=edges, weights=counts, histtype="step", color="#64748b", label="other", log=True)
+    if threshold is not None:
+        axes.axvline(threshold, color="#0f172a", linestyle="--", linewidth=1.1)
+        axes.annotate(
+            f"threshold {format_number(threshold)}",
+            xy=(threshold, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(4, -2),
+            textcoords="offset points",
+            ha="left",
+            va="top",
+            fontsize=8,
+            color="#0f172a",
+        )
+    _plain_log_axis(axes.yaxis, counts=True)
+    if log_bins:
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: format_number(float(value))))
+        axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.set_xlabel("difficulty (multiplier mass)", fontsize=9, color="#334155")
+    axes.set_ylabel("examples (log scale)", fontsize=9, color="#334155")
+    axes.legend(frameon=False, fontsize=8, loc="upper right")
+    figure.subplots_adjust(left=0.085, right=0.99, bottom=0.16, top=0.97)
+    return _svg(figure, salt="difficulty", label="histogram of difficulty scores with the flag threshold")
+
+
+HISTORY_PANELS = (
+    ("max_violation", "largest violation", True),
+    ("fraction_fitted", "fraction fitted", False),
+    ("multiplier_change", "multiplier change", True),
+    ("rank_stability", "rank stability", False),
+)
+
+
+def _history_plot_svg(history: Sequence[Mapping[str, Any]], diagnostics: Mapping[str, Any]) -> str:
+    """Small multiples of the per-epoch convergence diagnostics; empty when fewer than
+    two epochs were recorded."""
+    if len(history) < 2:
+        return ""
+    epochs = np.array([_finite_or_none(entry.get("epoch")) or index for index, entry in enumerate(history)], float)
+    panels = [panel for panel in HISTORY_PANELS if any(_finite_or_none(entry.get(panel[0])) is not None for entry in history)]
+    if not panels:
+        return ""
+    figure = _new_figure(10.5, 2.2)
+    scored_epoch = _finite_or_none(diagnostics.get("scored_epoch"))
+    for index, (key, label, log_scale) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), index + 1)
+        _style_axes(axes)
+        values = np.array([_finite_or_none(entry.get(key)) for entry in history], dtype=float)
+        if log_scale and np.nanmin(np.where(values > 0, values, np.nan), initial=np.inf) < np.inf:
+            values = np.where(values > 0, values, np.nan)
+            axes.set_yscale("log")
+            _plain_log_axis(axes.yaxis, counts=False, values=values)
+        axes.plot(epochs, values, color="#2563eb", linewidth=1.3, marker="o", markersize=2.2)
+        if scored_epoch is not None:
+            axes.axvline(scored_epoch, color="#0f172a", linestyle=":", linewidth=0.9)
+        axes.set_title(label, fontsize=8.5, color="#334155")
+        axes.set_xlabel("epoch", fontsize=8, color="#334155")
+        axes.tick_params(which="both", labelsize=7)
+    figure.subplots_adjust(left=0.05, right=0.995, bottom=0.2, top=0.88, wspace=0.28)
+    return _svg(figure, salt="history", label="convergence diagnostics per epoch")
+

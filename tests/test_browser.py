@@ -1,0 +1,204 @@
+"""The HTML report in a real browser: headless Chromium (Debian packages) via selenium.
+
+Needs ``apt-get install chromium chromium-driver`` and ``pip install selenium``. Skipped
+when they are missing, except under CI (the ``CI`` environment variable), where a
+missing browser fails the run instead of silently testing nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from minnorm_audit.report import render_report
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path(os.environ.get("MINNORM_AUDIT_CHROMIUM", "/usr/bin/chromium"))
+CHROMEDRIVER = Path(os.environ.get("MINNORM_AUDIT_CHROMEDRIVER", "/usr/bin/chromedriver"))
+HOSTILE_CLASS = "<img src=x onerror=alert(1)>"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+WINDOW_WIDTH = 1280
+
+
+def _missing(reason: str) -> None:
+    message = f"{reason}; install the browser with `apt-get install -y chromium chromium-driver` and `pip install selenium`"
+    if os.environ.get("CI"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def webdriver_module() -> Any:
+    try:
+        from selenium import webdriver
+    except ImportError:
+        _missing("selenium is not installed")
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            _missing(f"{path} not found")
+    return webdriver
+
+
+@pytest.fixture(scope="module")
+def driver(webdriver_module: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver_module.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-default-apps",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--hide-scrollbars",
+        f"--window-size={WINDOW_WIDTH},1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL", "performance": "ALL"})
+    # An explicit driver path: selenium-manager never runs, so nothing is downloaded.
+    service = Service(executable_path=str(CHROMEDRIVER))
+    browser = webdriver_module.Chrome(service=service, options=options)
+    browser.set_page_load_timeout(60)
+    try:
+        yield browser
+    finally:
+        browser.quit()
+
+
+@pytest.fixture(scope="module")
+def report(make_run_folder: Any) -> tuple[Path, dict[str, Any]]:
+    folder, contents = make_run_folder("browser-run", num_examples=600, gallery_size=30)
+    return render_report(folder), contents
+
+
+def _open(driver: Any, page: Path) -> str:
+    driver.get_log("browser")  # drop anything logged before this page
+    driver.get_log("performance")
+    url = page.resolve().as_uri()
+    driver.get(url)
+    driver.execute_script("return document.readyState")  # wait for the load to finish
+    return url
+
+
+def _severe(driver: Any) -> list[dict[str, Any]]:
+    return [entry for entry in driver.get_log("browser") if entry.get("level") == "SEVERE"]
+
+
+def _requests(driver: Any) -> list[str]:
+    urls = []
+    for entry in driver.get_log("performance"):
+        message = json.loads(entry["message"])["message"]
+        if message.get("method") == "Network.requestWillBeSent":
+            urls.append(message["params"]["request"]["url"])
+    return urls
+
+
+def test_report_loads_offline_and_cleanly(driver: Any, report: tuple[Path, dict[str, Any]]) -> None:
+    page, contents = report
+    url = _open(driver, page)
+
+    images = driver.execute_script(
+        "return Array.from(document.images).map(function (image) {"
+        "  return {src: image.src.slice(0, 22), complete: image.complete, width: image.naturalWidth}; });"
+    )
+    assert len(images) == len(contents["gallery"]) > 0
+    for image in images:
+        assert image["src"] == "data:image/png;base64,"
+        assert image["complete"] and image["width"] > 0, image
+
+    assert _severe(driver) == []
+    requests = _requests(driver)
+    assert url in requests
+    unexpected = [request for request in requests if request != url and not request.startswith(("data:", "about:blank"))]
+    assert unexpected == [], unexpected
+
+    # The whole page in one screenshot, for a person to look at.
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(WINDOW_WIDTH, min(int(height) + 200, 16000))
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / "report.png"
+    assert driver.save_screenshot(str(screenshot))
+    print(f"report screenshot: {screenshot}")
+    assert screenshot.stat().st_size > 10_000
+    driver.set_window_size(WINDOW_WIDTH, 1000)
+
+
+def test_hostile_class_name_is_text_and_runs_nothing(driver: Any, report: tuple[Path, dict[str, Any]]) -> None:
+    from selenium.common.exceptions import NoAlertPresentException
+    from selenium.webdriver.common.by import By
+
+    page, _ = report
+    _open(driver, page)
+    with pytest.raises(NoAlertPresentException):
+        driver.switch_to.alert  # noqa: B018 - the property raises when no alert is open
+    body = driver.find_element(By.TAG_NAME, "body").text
+    assert HOSTILE_CLASS in body
+    assert "<script>alert(2)</script>" in body  # a source path, shown as text
+    assert driver.execute_script("return document.querySelectorAll('img:not(.thumb)').length") == 0
+    assert driver.execute_script("return document.scripts.length") == 1
+    # The name is visible on screen in the per-class table.
+    cells = [cell for cell in driver.find_elements(By.CSS_SELECTOR, "#classes td.name") if cell.text == HOSTILE_CLASS]
+    assert cells and cells[0].is_displayed()
+    assert _severe(driver) == []
+
+
+def test_gallery_filter(driver: Any, report: tuple[Path, dict[str, Any]]) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    page, contents = report
+    gallery = contents["gallery"]
+    _open(driver, page)
+    items = driver.find_elements(By.CSS_SELECTOR, "#gallery-items .item")
+    assert len(items) == len(gallery)
+    assert driver.find_element(By.ID, "gallery-controls").is_displayed()
+
+    def visible() -> list[Any]:
+        return [item for item in items if item.is_displayed()]
+
+    status = driver.find_element(By.ID, "gallery-status")
+    assert len(visible()) == len(gallery)
+    assert status.text == f"Showing {len(gallery)} of {len(gallery)}"
+
+    flag_filter = Select(driver.find_element(By.ID, "filter-flag"))
+    for flag in ("mislabeled", "hard"):
+        flag_filter.select_by_value(flag)
+        expected = int((gallery["flag"] == flag).sum())
+        assert 0 < expected < len(gallery)
+        shown = visible()
+        assert len(shown) == expected
+        assert {item.get_attribute("data-flag") for item in shown} == {flag}
+        hidden = [item for item in items if item.get_attribute("hidden") is not None]
+        assert len(hidden) == len(gallery) - expected
+        assert status.text == f"Showing {expected} of {len(gallery)}"
+
+    class_filter = Select(driver.find_element(By.ID, "filter-class"))
+    flag_filter.select_by_value("")
+    class_filter.select_by_value(HOSTILE_CLASS)
+    involved = (gallery["given_label"] == HOSTILE_CLASS) | (gallery["suggested_label"] == HOSTILE_CLASS)
+    assert len(visible()) == int(involved.sum()) > 0
+
+    flag_filter.select_by_value("mislabeled")
+    both = involved & (gallery["flag"] == "mislabeled")
+    assert len(visible()) == int(both.sum())
+    assert driver.find_element(By.ID, "gallery-empty").is_displayed() == (int(both.sum()) == 0)
+
+    flag_filter.select_by_value("")
+    class_filter.select_by_value("")
+    assert len(visible()) == len(gallery)
+    assert _severe(driver) == []
+

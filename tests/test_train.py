@@ -1,0 +1,86 @@
+"""fit() on real data with injected label flips; checkpoint/resume."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from minnorm_audit.models import build_model
+from minnorm_audit.scores import difficulty_scores, suggested_labels
+from minnorm_audit.train import TrainConfig, TrainingError, fit, resolve_device
+
+datasets = pytest.importorskip("sklearn.datasets")
+metrics = pytest.importorskip("sklearn.metrics")
+
+
+def flipped_digits(rate: float, seed: int):
+    features, labels = datasets.load_digits(return_X_y=True)
+    rng = np.random.default_rng(seed)
+    flipped = rng.choice(len(labels), int(round(rate * len(labels))), replace=False)
+    noisy = labels.copy()
+    noisy[flipped] = (labels[flipped] + rng.integers(1, 10, size=len(flipped))) % 10
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[flipped] = True
+    return torch.tensor(features, dtype=torch.float32), labels, noisy, mask
+
+
+def test_mlp_on_digits_ranks_flipped_labels_first_and_recovers_them():
+    inputs, clean, noisy, flipped = flipped_digits(0.1, seed=0)
+    torch.manual_seed(0)
+    result = fit(build_model("mlp", inputs, 10), inputs, torch.tensor(noisy), form="margin", num_outputs=10,
+                 config=TrainConfig(epochs=20, dual_lr=0.01, device="cpu"))
+    difficulty = difficulty_scores(result.average_multipliers)
+    # Measured 0.992-0.994 AUROC (seed 0); the floor leaves room for platform noise.
+    assert metrics.roc_auc_score(flipped, difficulty) >= 0.96
+    suggested = suggested_labels(result.final_multipliers, noisy)
+    assert (suggested[flipped] == clean[flipped]).mean() >= 0.8  # measured 0.92
+    assert result.history[-1]["rank_stability"] > 0.8
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
+    inputs, _, noisy, _ = flipped_digits(0.1, seed=1)
+    inputs, targets = inputs[:300], torch.tensor(noisy[:300])
+    config = TrainConfig(epochs=4, dual_lr=0.05, device="cpu", batch_size=64)
+
+    def train(epochs, checkpoint, resume=False):
+        torch.manual_seed(0)
+        model = build_model("mlp", inputs, 10)
+        return fit(model, inputs, targets, form="margin", num_outputs=10,
+                   config=TrainConfig(**{**config.to_dict(), "epochs": epochs}),
+                   dataset_fingerprint="f", checkpoint_path=checkpoint, resume=resume)
+
+    uninterrupted = train(4, tmp_path / "a.pt")
+    train(2, tmp_path / "b.pt")
+    resumed = train(4, tmp_path / "b.pt", resume=True)
+    np.testing.assert_array_equal(resumed.final_multipliers, uninterrupted.final_multipliers)
+    np.testing.assert_array_equal(resumed.average_multipliers, uninterrupted.average_multipliers)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_checkpoint_of_other_data(tmp_path):
+    inputs, _, noisy, _ = flipped_digits(0.1, seed=1)
+    inputs, targets = inputs[:100], torch.tensor(noisy[:100])
+    config = TrainConfig(epochs=1, device="cpu")
+    fit(build_model("mlp", inputs, 10), inputs, targets, form="margin", num_outputs=10, config=config,
+        dataset_fingerprint="one", checkpoint_path=tmp_path / "c.pt")
+    with pytest.raises(TrainingError, match="another dataset"):
+        fit(build_model("mlp", inputs, 10), inputs, targets, form="margin", num_outputs=10, config=config,
+            dataset_fingerprint="two", checkpoint_path=tmp_path / "c.pt", resume=True)
+
+
+def test_divergence_stops_with_a_message_naming_the_setting(tmp_path):
+    inputs, _, noisy, _ = flipped_digits(0.1, seed=1)
+    inputs, targets = inputs[:100] * 1e30, torch.tensor(noisy[:100])
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with pytest.raises(TrainingError, match="lower --lr or --dual-lr"):
+        fit(model, inputs, targets, form="margin", num_outputs=10,
+            config=TrainConfig(epochs=3, lr=1e30, optimizer="sgd", device="cpu"))
+
+
+def test_auto_device_is_cpu_without_gpu_and_cuda_request_fails_clearly():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert resolve_device("auto").type in ("cpu", "mps")
+    with pytest.raises(TrainingError, match="no CUDA GPU"):
+        resolve_device("cuda")
