@@ -511,6 +511,18 @@ def first_crossing_notes(runs: Sequence[RunResult]) -> str:
     return "\n".join(lines) if lines else "- none"
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo where there is one."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment_header(argv: Sequence[str]) -> str:
     import sklearn
 
@@ -520,7 +532,7 @@ def environment_header(argv: Sequence[str]) -> str:
             "# Minnorm paper claims, linear models",
             "",
             f"- command: `{command}` (cwd {os.getcwd()})",
-            f"- machine: {platform.platform()}, {platform.machine()}, {platform.processor() or 'cpu'}, "
+            f"- machine: {platform.platform()}, {cpu_model()}, "
             f"CPU count {os.cpu_count()}, load average {', '.join(f'{v:.2f}' for v in os.getloadavg())} at start",
             f"- versions: python {platform.python_version()}, torch {torch.__version__}, "
             f"numpy {np.__version__}, scikit-learn {sklearn.__version__}",

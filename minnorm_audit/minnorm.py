@@ -261,7 +261,7 @@ class Minnorm(torch.optim.Optimizer):
         return self.multipliers.values.device
 
     def constraint_values(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """``g`` for a batch, shape ``(batch, num_outputs)``, in float32.
+        """``g`` for a batch, shape ``(batch, num_outputs)``, in float32 or wider.
 
         Margin form: ``g_ij = f_y - f_j - margin`` (the own-label column is 0 and is
         ignored); binary single-output form: ``s * f - margin``. Equality form:
@@ -280,6 +280,8 @@ class Minnorm(torch.optim.Optimizer):
             return targets - outputs
         labels = targets.long().reshape(-1)
         if self.num_outputs == 1:
+            if labels.device.type == "cpu" and bool(((labels != 0) & (labels != 1)).any()):
+                raise ValueError("the binary (single-output) margin form needs labels 0 or 1")
             signs = labels.to(outputs.dtype).mul(2).sub(1).unsqueeze(1)
             return signs * outputs - self.margin
         own = outputs.gather(1, labels.unsqueeze(1))
@@ -325,7 +327,8 @@ class Minnorm(torch.optim.Optimizer):
             Scalar: ``+sum mu_eff . g`` (equality) or ``-sum lambda_eff * g`` (margin).
         """
         example_ids = example_ids.to(self.device, torch.long).reshape(-1)
-        if example_ids.numel() and (
+        # The range check reads values back, a sync on a GPU: done on the CPU only.
+        if example_ids.device.type == "cpu" and example_ids.numel() and (
             int(example_ids.min()) < 0 or int(example_ids.max()) >= self.num_examples
         ):
             raise IndexError(f"example ids must lie in [0, {self.num_examples})")
@@ -342,7 +345,9 @@ class Minnorm(torch.optim.Optimizer):
     def norm_value(self) -> float:
         """``R(W) = 1/2 sum ||W||^2`` over the norm parameters."""
         with torch.no_grad():
-            return 0.5 * float(sum(p.detach().float().pow(2).sum() for p in self.norm_parameters))
+            return 0.5 * float(
+                sum(p.detach().to(torch.promote_types(p.dtype, torch.float32)).pow(2).sum() for p in self.norm_parameters)
+            )
 
     def _add_norm_gradient(self, scale: float) -> None:
         parameters = [p for p in self.norm_parameters if p.requires_grad]

@@ -267,6 +267,8 @@ def test_binary_single_output_uses_signed_margins():
     optimizer = Minnorm(torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1), num_examples=2, num_outputs=1)
     values = optimizer.constraint_values(torch.tensor([[2.0], [2.0]]), torch.tensor([1, 0]))
     torch.testing.assert_close(values, torch.tensor([[1.0], [-3.0]]))
+    with pytest.raises(ValueError, match="labels 0 or 1"):
+        optimizer.constraint_values(torch.tensor([[2.0]]), torch.tensor([-1]))
 
 
 def test_spearman_matches_known_values():

@@ -1,0 +1,115 @@
+"""Throughput of `minnorm-audit run` and the cost of a Minnorm step over a plain step.
+
+Prints a markdown table; never asserts on time. Usage:
+
+    python benchmarks/throughput.py [--repeats 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from minnorm_audit import __version__
+from minnorm_audit.audit import AuditOptions, run_audit
+from minnorm_audit.data import load_dataset, write_demo_dataset
+from minnorm_audit.minnorm import Minnorm
+from minnorm_audit.models import build_model
+from minnorm_audit.train import TrainConfig
+
+
+def audit_rate(data_path: Path, out: Path, image_size: int, epochs: int) -> tuple[int, float]:
+    """Examples per second of a whole audit (load + train + score + write)."""
+    started = time.perf_counter()
+    loaded = load_dataset(data_path, image_size=image_size)
+    settings = AuditOptions(image_size=image_size, train=TrainConfig(epochs=epochs, device="cpu"))
+    run_audit(loaded, settings, out, load_seconds=time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return len(loaded.sources), seconds
+
+
+def step_ratio(inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of one Minnorm step and one plain cross-entropy step (same model/batch)."""
+    model = build_model("auto", inputs, num_classes)
+    batch_ids = torch.arange(min(128, len(inputs)))
+    batch, batch_labels = inputs[batch_ids], labels[batch_ids]
+    minnorm = Minnorm(torch.optim.Adam(model.parameters(), lr=1e-3), num_examples=len(inputs),
+                      num_outputs=num_classes, model=model)
+    plain = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def minnorm_step() -> None:
+        loss = minnorm.lagrangian(model(batch), batch_labels, batch_ids)
+        minnorm.zero_grad()
+        loss.backward()
+        minnorm.step()
+
+    def plain_step() -> None:
+        loss = torch.nn.functional.cross_entropy(model(batch), batch_labels)
+        plain.zero_grad()
+        loss.backward()
+        plain.step()
+
+    timings: dict[str, list[float]] = {"minnorm": [], "plain": []}
+    for _ in range(5):
+        minnorm_step()
+        plain_step()
+    # Interleaved so both see the same machine state.
+    for _ in range(repeats):
+        for name, step in (("minnorm", minnorm_step), ("plain", plain_step)):
+            started = time.perf_counter()
+            step()
+            timings[name].append(time.perf_counter() - started)
+    return float(np.median(timings["minnorm"])), float(np.median(timings["plain"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--table-rows", type=int, default=20_000)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"command: python {' '.join(sys.argv)}")
+    print(f"machine: {platform.platform()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, minnorm-audit {__version__}\n")
+
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_path = Path(scratch)
+        demo = write_demo_dataset(scratch_path / "digits")
+        count, seconds = audit_rate(demo.root, scratch_path / "run-digits", 16, 20)
+        rows.append(("demo digits, images 16x16, CNN, 20 epochs", count, seconds))
+        rng = np.random.default_rng(0)
+        labels = rng.integers(0, 10, size=args.table_rows)
+        features = rng.normal(size=(args.table_rows, 128)).astype(np.float32) + labels[:, None] * 0.05
+        frame = pd.DataFrame(features, columns=[f"e{i}" for i in range(128)])
+        frame["label"] = labels
+        frame.to_parquet(scratch_path / "table.parquet")
+        count, seconds = audit_rate(scratch_path / "table.parquet", scratch_path / "run-table", 32, 20)
+        rows.append((f"synthetic table {args.table_rows:,} x 128, MLP, 20 epochs", count, seconds))
+
+    print("| audit | examples | seconds | examples/s (x epochs) |")
+    print("|---|---|---|---|")
+    for name, count, seconds in rows:
+        print(f"| {name} | {count:,} | {seconds:.1f} | {count * 20 / seconds:,.0f} |")
+
+    print("\n| model, batch 128 | Minnorm step (ms) | plain CE step (ms) | ratio |")
+    print("|---|---|---|---|")
+    images = torch.randint(0, 256, (1024, 3, 16, 16), dtype=torch.uint8)
+    table = torch.randn(1024, 128)
+    labels = torch.randint(0, 10, (1024,))
+    for name, inputs in (("CNN on 16x16 images", images), ("MLP on 128 features", table)):
+        minnorm_seconds, plain_seconds = step_ratio(inputs, labels, 10, args.repeats)
+        print(f"| {name} | {minnorm_seconds * 1e3:.2f} | {plain_seconds * 1e3:.2f} | {minnorm_seconds / plain_seconds:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
