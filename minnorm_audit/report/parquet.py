@@ -18,10 +18,10 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,7 @@ __all__ = [
     "RUN_FILES",
     "SET_ASIDE_DESCRIPTIONS",
     "RunFiles",
+    "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
     "load_run",
@@ -121,8 +122,8 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, replace).
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write`` on a temp file in the same folder, fsync it, then replace ``path``.
 
     On any failure the temporary file is removed and an existing ``path`` is left
     untouched.
@@ -131,7 +132,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     temp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
     try:
         with temp:
-            temp.write(data)
+            write(temp)
             temp.flush()
             os.fsync(temp.fileno())
         os.replace(temp.name, target)
@@ -140,6 +141,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         raise
     _fsync_folder(target.parent)
     return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`)."""
+    return atomic_write(path, lambda stream: stream.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, *, encoding: str = "utf-8") -> Path:
@@ -212,18 +218,7 @@ def write_parquet_atomic(
     if missing:
         raise ValueError(f"{target.name}: no description for column(s) {', '.join(missing)}")
     table = _table_with_descriptions(df, descriptions, metadata)
-    temp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
-    try:
-        with temp:
-            pq.write_table(table, temp)
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.replace(temp.name, target)
-    except BaseException:
-        _remove_quietly(temp.name)
-        raise
-    _fsync_folder(target.parent)
-    return target
+    return atomic_write(target, lambda stream: pq.write_table(table, stream))
 
 
 def _table_with_descriptions(
