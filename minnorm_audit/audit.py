@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .data import LoadedDataset, load_dataset
+from .distributed import is_main_process
+from .data import LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset
 from .models import build_model
 from .report.parquet import (
     EXAMPLES_DESCRIPTIONS,
@@ -43,6 +45,7 @@ from .scores import (
     percentile_ranks,
     suggested_labels,
 )
+from .streaming import LazyImages, build_streamed_model
 from .train import FitResult, TrainConfig, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -68,11 +71,27 @@ class AuditOptions:
     threshold: float | None = None
     concentration_threshold: float = 0.1
     gallery_size: int = 60
+    feature_columns: list[str] | None = None
+    data_root: str | Path | None = None
 
 
 @dataclass
 class AuditResult:
-    """What an audit produced: the examples table, the summary and where they are."""
+    """What an audit produced: the examples table, the summary and where they are.
+
+    Attributes
+    ----------
+    examples : DataFrame
+        The rows of ``examples.parquet``: one per audited example (``source``,
+        ``given_label``, ``suggested_label``, ``difficulty``, ``flag``, ...).
+    summary : dict
+        The contents of ``summary.json`` (counts per flag and class, the flag rule,
+        diagnostics, timings).
+    run_dir : Path
+        The run folder holding every output.
+    set_aside : DataFrame
+        Items that could not be used (``source``, ``reason``).
+    """
 
     examples: pd.DataFrame
     summary: dict[str, Any]
@@ -81,6 +100,8 @@ class AuditResult:
 
     @property
     def paths(self) -> dict[str, Path]:
+        """The run folder's files by name: ``examples``, ``summary``, ``set_aside``,
+        ``gallery``, ``report`` and ``checkpoint``."""
         return {
             name: self.run_dir / file
             for name, file in (
@@ -101,30 +122,61 @@ def default_run_dir(data_path: Path, reports_root: Path = Path("reports")) -> Pa
     return reports_root / f"{name or 'data'}-{stamp}"
 
 
-def check_run_dir_outside_data(run_dir: Path, data_root: Path) -> None:
-    """The tool never writes inside DATA."""
+def check_run_dir_outside_data(run_dir: Path, data_root: Path | None) -> None:
+    """The tool never writes inside DATA (nothing to check for data given in memory)."""
+    if data_root is None:
+        return
     data_folder = data_root if data_root.is_dir() else data_root.parent
     resolved = run_dir.resolve()
     if data_root.is_dir() and (resolved == data_folder or data_folder in resolved.parents):
         raise ValueError(f"--out {run_dir} lies inside the data folder {data_root}; choose a folder outside it")
 
 
-def audit(data: str | Path, out: str | Path | None = None, **options: Any) -> AuditResult:
-    """Audit a dataset on disk and write the run folder.
+def audit(data: Any, out: str | os.PathLike[str] | None = None, **options: Any) -> AuditResult:
+    """Audit a labeled dataset and write the run folder (the code path of ``minnorm-audit run``).
 
     Parameters
     ----------
-    data : str or Path
-        An image folder, a manifest or a table (CSV/Parquet).
+    data : str, Path, DataFrame, tuple of (array, array) or torch Dataset
+        What to audit:
+
+        - a path: an image folder, a manifest or a table (CSV/Parquet), every
+          layout ``minnorm-audit run`` accepts;
+        - a pandas DataFrame of numeric feature columns and a label column
+          (``label_column=``, default ``"label"``);
+        - numpy arrays ``(X, y)``: ``X`` of shape ``(N, D)`` (features), or
+          ``(N, C, H, W)`` / ``(N, H, W, C)`` (images);
+        - a torch ``Dataset`` yielding ``(input, label)`` pairs (tensors, arrays or
+          PIL images).
+
+        In-memory data is identified by position: ``source`` is ``"0"``, ``"1"``, ...
     out : str or Path, optional
-        Run folder; ``reports/<data-name>-<timestamp>/`` when omitted.
+        Run folder; default ``reports/<name>-<timestamp>/``, where the name is the
+        data's file or folder name, or ``dataframe``, ``arrays`` or ``dataset``.
     **options
-        Fields of :class:`AuditOptions`, plus fields of :class:`TrainConfig`
-        (``epochs``, ``lr``, ``dual_lr``, ``seed``, ``device``, ...).
+        Fields of :class:`AuditOptions` (``label_column``, ``task``, ``image_size``,
+        ``flag_fraction``, ``threshold``, ``feature_columns``, ``data_root``, ...)
+        and of :class:`~minnorm_audit.train.TrainConfig` (``epochs``, ``lr``,
+        ``dual_lr``, ``batch_size``, ``seed``, ``device``, ...).
 
     Returns
     -------
     AuditResult
+        The examples table, the summary and the run folder's paths.
+
+    Raises
+    ------
+    DataError
+        The data is unusable as a whole (one line naming the problem).
+    TypeError
+        An unknown option, or ``data`` of a type not listed above.
+    ValueError
+        ``out`` lies inside the data folder, or an option is out of range.
+
+    Examples
+    --------
+    >>> result = minnorm_audit.audit(frame, out="reports/frame", label_column="class", epochs=20)
+    >>> suspects = result.examples.query("flag == 'mislabeled'")
     """
     train_fields = set(TrainConfig.__dataclass_fields__)
     train_options = {key: options.pop(key) for key in list(options) if key in train_fields}
@@ -133,17 +185,72 @@ def audit(data: str | Path, out: str | Path | None = None, **options: Any) -> Au
         raise TypeError(f"unknown audit option(s): {', '.join(sorted(unknown))}")
     settings = AuditOptions(**options, train=TrainConfig(**train_options))
     started = time.perf_counter()
-    loaded = load_dataset(
-        data,
-        format=settings.format,
-        label_column=settings.label_column,
-        path_column=settings.path_column,
-        task=settings.task,
-        image_size=settings.image_size,
-    )
+    loaded = load_input(data, settings)
     load_seconds = time.perf_counter() - started
-    run_dir = Path(out) if out is not None else default_run_dir(Path(data))
+    if out is not None:
+        run_dir = Path(out)
+    elif loaded.root is None:
+        run_dir = Path("reports") / f"{loaded.origin}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    else:
+        run_dir = default_run_dir(Path(data))
     return run_audit(loaded, settings, run_dir, load_seconds=load_seconds)
+
+
+def load_input(data: Any, settings: AuditOptions) -> LoadedDataset:
+    """Load ``data`` (a path or an in-memory dataset, see :func:`audit`) with ``settings``."""
+    if isinstance(data, (str, os.PathLike)):
+        return load_dataset(
+            data,
+            format=settings.format,
+            label_column=settings.label_column,
+            path_column=settings.path_column,
+            task=settings.task,
+            image_size=settings.image_size,
+            feature_columns=settings.feature_columns,
+            data_root=settings.data_root,
+            max_memory_gb=settings.train.max_memory_gb,
+        )
+    if settings.data_root is not None:
+        raise TypeError("data_root applies to a manifest on disk, not to data given in memory")
+    if isinstance(data, pd.DataFrame):
+        return load_frame(data, label_column=settings.label_column, feature_columns=settings.feature_columns,
+                          task=settings.task)
+    if isinstance(data, tuple) and len(data) == 2:
+        return load_arrays(data[0], data[1], task=settings.task, image_size=settings.image_size)
+    if isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
+        return load_torch_dataset(data, task=settings.task, image_size=settings.image_size)
+    raise TypeError(
+        "data must be a path, a pandas DataFrame, a tuple (X, y) of arrays or a torch Dataset, "
+        f"got {type(data).__name__}"
+    )
+
+
+def describe_input(loaded: LoadedDataset, settings: AuditOptions) -> dict[str, Any]:
+    """Where the audited examples came from, for ``clean`` to find them again.
+
+    ``layout`` is ``images`` (image folder), ``manifest``, ``table``, or for data
+    given in memory ``dataframe``, ``arrays`` or ``dataset``; ``paths_relative_to``
+    is the folder that image ``source`` paths are relative to.
+    """
+    if loaded.root is None:
+        return {"layout": loaded.origin, "kind": loaded.kind}
+    layout = "images" if loaded.root.is_dir() else ("manifest" if loaded.kind == "images" else "table")
+    described: dict[str, Any] = {"layout": layout, "kind": loaded.kind, "path": str(loaded.root)}
+    if layout == "images":
+        described["paths_relative_to"] = str(loaded.root)
+    elif layout == "manifest":
+        base = Path(settings.data_root).expanduser().resolve() if settings.data_root is not None else loaded.root.parent
+        described.update(paths_relative_to=str(base), path_column=settings.path_column)
+    if layout in ("manifest", "table"):
+        described["label_column"] = settings.label_column
+    if layout == "table":
+        described["feature_columns"] = list(loaded.feature_names)
+    return described
+
+
+def data_description(loaded: LoadedDataset) -> str:
+    """The data as summary.json and the page name it: its path, or what was given in memory."""
+    return str(loaded.root) if loaded.root is not None else f"in-memory {loaded.origin}"
 
 
 def run_audit(
@@ -156,9 +263,16 @@ def run_audit(
     load_seconds: float = 0.0,
     demo: dict[str, Any] | None = None,
 ) -> AuditResult:
-    """Train, score and write every output of one audit into ``run_dir``."""
+    """Train, score and write every output of one audit into ``run_dir``.
+
+    Under torchrun every rank trains and scores (the results agree); rank 0 alone
+    writes the run folder.
+    """
     check_run_dir_outside_data(run_dir, loaded.root)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if settings.data_root is not None:
+        check_run_dir_outside_data(run_dir, Path(settings.data_root).expanduser().resolve())
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     regression = loaded.task == "regression"
     inputs = loaded.inputs
@@ -172,7 +286,10 @@ def run_audit(
         # Two classes: the binary single-output form of ALGORITHM.md.
         num_outputs = 1 if len(loaded.class_names) == 2 else len(loaded.class_names)
     torch.manual_seed(settings.train.seed)
-    model = build_model(settings.model, inputs, num_outputs)
+    if isinstance(inputs, LazyImages):
+        model = build_streamed_model(settings.model, inputs, num_outputs, workers=settings.train.workers)
+    else:
+        model = build_model(settings.model, inputs, num_outputs)
     result = fit(
         model,
         inputs,
@@ -211,6 +328,8 @@ def run_audit(
         "statistic": settings.statistic,
         "device": result.device,
         "requested_device": settings.train.device,
+        "data_placement": result.data_placement,
+        "world_size": result.world_size,
     }
     versions = {
         "minnorm_audit": __version__,
@@ -228,7 +347,8 @@ def run_audit(
         "class_names": loaded.class_names,
         "kind": loaded.kind,
         "task": loaded.task,
-        "data": str(loaded.root),
+        "data": data_description(loaded),
+        "input": describe_input(loaded, settings),
         "flag_rule": flag_rule,
     }
     set_aside = pd.DataFrame(
@@ -241,14 +361,15 @@ def run_audit(
         timings={"load_s": load_seconds, "train_s": result.train_seconds, "total_s": total_seconds},
         demo=demo,
     )
-    write_parquet_atomic(run_dir / "examples.parquet", examples, descriptions=EXAMPLES_DESCRIPTIONS, metadata=metadata)
-    write_parquet_atomic(run_dir / "set_aside.parquet", set_aside, descriptions=SET_ASIDE_DESCRIPTIONS, metadata=metadata)
-    gallery = build_gallery(examples, loaded, settings.gallery_size)
-    write_parquet_atomic(run_dir / "gallery.parquet", gallery, descriptions=GALLERY_DESCRIPTIONS, metadata=metadata)
-    write_json_atomic(run_dir / "summary.json", summary)
-    from .report.html import render_report
+    if is_main_process():  # under torchrun, rank 0 alone writes
+        write_parquet_atomic(run_dir / "examples.parquet", examples, descriptions=EXAMPLES_DESCRIPTIONS, metadata=metadata)
+        write_parquet_atomic(run_dir / "set_aside.parquet", set_aside, descriptions=SET_ASIDE_DESCRIPTIONS, metadata=metadata)
+        gallery = build_gallery(examples, loaded, settings.gallery_size)
+        write_parquet_atomic(run_dir / "gallery.parquet", gallery, descriptions=GALLERY_DESCRIPTIONS, metadata=metadata)
+        write_json_atomic(run_dir / "summary.json", summary)
+        from .report.html import render_report
 
-    render_report(run_dir)
+        render_report(run_dir)
     return AuditResult(examples=examples, summary=summary, run_dir=run_dir, set_aside=set_aside)
 
 
@@ -372,7 +493,7 @@ def build_summary(
     summary: dict[str, Any] = {
         "tool": "minnorm-audit",
         "version": __version__,
-        "data": str(loaded.root),
+        "data": data_description(loaded),
         "kind": loaded.kind,
         "task": loaded.task,
         "num_examples": int(len(examples)),

@@ -32,6 +32,8 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto"),
         click.option("--seed", type=int, default=0),
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
+        click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
+        click.option("--workers", type=click.IntRange(min=0), default=defaults.workers, help="DataLoader worker processes decoding streamed images."),
         click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
         click.option("--threshold", type=float, default=None, help="Flag examples with difficulty >= this (overrides --flag-fraction)."),
@@ -68,6 +70,8 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         seed=options["seed"],
         device=options["device"],
         deterministic=options["deterministic"],
+        max_memory_gb=options["max_memory_gb"],
+        workers=options["workers"],
     )
     return AuditOptions(
         model=options["model"],
@@ -88,7 +92,11 @@ def _fail(error: BaseException, debug: bool) -> None:
 
 
 def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_output: bool) -> None:
+    from .distributed import is_main_process
     from .report.parquet import to_strict_json
+
+    if not is_main_process():  # under torchrun, rank 0 alone prints
+        return
 
     if json_output:
         click.echo(json.dumps(to_strict_json(summary), indent=2))
@@ -109,10 +117,13 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
         return
     fraction = summary["counts"]["mislabeled"] / max(summary["num_examples"], 1)
     if fraction > fail_on_flagged:
-        click.echo(
-            f"QA gate: {fraction:.2%} of examples flagged mislabeled exceeds --fail-on-flagged {fail_on_flagged:.2%}",
-            err=True,
-        )
+        from .distributed import is_main_process
+
+        if is_main_process():
+            click.echo(
+                f"QA gate: {fraction:.2%} of examples flagged mislabeled exceeds --fail-on-flagged {fail_on_flagged:.2%}",
+                err=True,
+            )
         sys.exit(EXIT_QA_GATE)
 
 
@@ -121,29 +132,34 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
 @click.option("--format", "data_format", type=click.Choice(["auto", "images", "manifest", "table"]), default="auto", help="Input layout (auto-detected).")
 @click.option("--label-column", default="label", help="Label (or target) column of a manifest or table.")
 @click.option("--path-column", default="path", help="Path column of a manifest.")
+@click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Manifest: the folder its paths are relative to [default: the manifest's folder]; paths must stay inside it. Use it to re-audit a manifest written by `clean`.")
 @click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", help="regression uses the equality form on a real-valued target.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [default: reports/<data-name>-<timestamp>].")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue the interrupted run in RUN_DIR.")
 @click.option("--fail-on-flagged", type=click.FloatRange(0, 1), default=None, help="Exit 3 when the fraction flagged mislabeled exceeds this (after writing outputs).")
 @_training_options
-def run(data: Path, data_format: str, label_column: str, path_column: str, task: str, out: Path | None,
-        resume_dir: Path | None, fail_on_flagged: float | None, **options: Any) -> None:
+def run(data: Path, data_format: str, label_column: str, path_column: str, data_root: Path | None, task: str,
+        out: Path | None, resume_dir: Path | None, fail_on_flagged: float | None, **options: Any) -> None:
     """Audit DATA (image folder, manifest or table) and write a run folder.
 
     \b
     Example:
         minnorm-audit run photos/ --out reports/photos
         minnorm-audit run embeddings.parquet --label-column class --json
+        minnorm-audit run cleaned.csv --data-root photos/
     """
     from .audit import default_run_dir, run_audit
     from .data import DataError, load_dataset
+    from .distributed import teardown
     from .train import TrainingError
 
-    settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task)
+    settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
+                         data_root=data_root)
     try:
         started = time.perf_counter()
         loaded = load_dataset(data, format=data_format, label_column=label_column, path_column=path_column,
-                              task=task, image_size=settings.image_size)
+                              task=task, image_size=settings.image_size, data_root=data_root,
+                              max_memory_gb=settings.train.max_memory_gb)
         load_seconds = time.perf_counter() - started
         run_dir = resume_dir or out or default_run_dir(data)
         progress = not options["quiet"] and sys.stderr.isatty()
@@ -152,6 +168,8 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, task:
     except (DataError, TrainingError, ValueError, OSError) as error:
         _fail(error, options["debug"])
         return
+    finally:
+        teardown()  # leaves the torchrun process group, if one was joined
     _echo_summary(result.summary, result.run_dir, options["quiet"], options["json_output"])
     _qa_gate(result.summary, fail_on_flagged)
 
@@ -243,3 +261,51 @@ def demo(out: Path, noise_rate: float, **options: Any) -> None:
         f"{demo_figures['suggested_label_accuracy_on_caught_flips']:.1%} of those",
         err=options["json_output"],
     )
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The cleaned dataset file, .csv or .parquet (written outside the data; a trail file, and for CSV a provenance file, go beside it).")
+@click.option("--rule", type=click.Choice(["drop-mislabeled", "drop-flagged", "relabel-mislabeled", "none"]), default="drop-mislabeled", help="What to do where no reviewer decided: drop examples flagged mislabeled; drop hard ones too; relabel mislabeled ones to the suggested label; or keep all.")
+@click.option("--decisions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="A reviewer's decisions CSV (source, decision, label), e.g. downloaded from report.html; applied before the rule.")
+@click.option("--quiet", is_flag=True, help="No messages on stderr.")
+@click.option("--json", "json_output", is_flag=True, help="Print the provenance (rule, counts, paths, re-audit command) as JSON to stdout.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def clean(run_dir: Path, out: Path, rule: str, decisions: Path | None, quiet: bool, json_output: bool,
+          debug: bool) -> None:
+    """Write a cleaned copy of RUN_DIR's dataset (a new manifest); the data is never touched.
+
+    Human decisions (--decisions) come first, the --rule applies where none was made.
+    OUT holds the kept and relabeled examples, ready for training or a new audit;
+    OUT's trail file records what happened to every example, dropped ones included.
+
+    \b
+    Example:
+        minnorm-audit clean reports/photos --out cleaned.csv
+        minnorm-audit clean reports/photos --out cleaned.parquet --rule relabel-mislabeled
+        minnorm-audit clean reports/photos --out cleaned.csv --decisions decisions.csv
+    """
+    from .clean import CleanError
+    from .clean import clean as clean_run
+    from .report.parquet import to_strict_json
+
+    try:
+        result = clean_run(run_dir, out, rule=rule, decisions=decisions)
+    except (CleanError, OSError, ValueError) as error:
+        _fail(error, debug)
+        return
+    if json_output:
+        click.echo(json.dumps(to_strict_json(result.provenance), indent=2))
+    if quiet:
+        return
+    counts = result.counts
+    click.echo(
+        f"{counts['rows_written']} examples written to {result.paths['manifest']} "
+        f"({counts['kept']} kept, {counts['relabeled']} relabeled); {counts['dropped']} dropped "
+        f"({counts['set_aside']} of them set aside in the run); {counts['by_reviewer']} reviewer decisions, "
+        f"{counts['by_rule']} changes by the rule {rule}",
+        err=True,
+    )
+    click.echo(f"trail:    {result.paths['trail']}", err=True)
+    if result.rerun_command:
+        click.echo(f"re-audit: {result.rerun_command}", err=True)

@@ -51,8 +51,11 @@ __all__ = [
     "DemoDataset",
     "LoadedDataset",
     "SetAsideItem",
+    "load_arrays",
     "load_bundled_digits",
     "load_dataset",
+    "load_frame",
+    "load_torch_dataset",
     "write_demo_dataset",
 ]
 
@@ -110,13 +113,15 @@ class LoadedDataset:
     ----------
     kind : {"images", "table"}
     task : {"classification", "regression"}
-    root : Path
-        The data path given by the user (folder or file), resolved.
+    root : Path or None
+        The data path given by the user (folder or file), resolved; None for data
+        given in memory (see ``origin``).
     sources : list of str
         One per kept example: a relative POSIX path for images, the 0-based row number
         for tables.
-    inputs : Tensor
-        Images: uint8, shape (N, 3, S, S). Tables: float32, shape (N, D), not
+    inputs : Tensor or LazyImages
+        Images: uint8, shape (N, 3, S, S); a :class:`~minnorm_audit.streaming.LazyImages`
+        (decoded per item, same pixels) when the images do not fit ``max_memory_gb``. Tables: float32, shape (N, D), not
         standardized (the trainer standardizes).
     targets : Tensor
         Classification: int64 class indices into ``class_names``, shape (N,).
@@ -135,11 +140,15 @@ class LoadedDataset:
         image size: stable across runs, different when any label, file or row changes.
     image_size : int or None
         Images: the side ``S`` every image was resized to. Tables: None.
+    origin : {"dataframe", "arrays", "dataset"} or None
+        Data given in memory (:func:`load_frame`, :func:`load_arrays`,
+        :func:`load_torch_dataset`): what it was; ``sources`` are then positions.
+        None for data read from disk.
     """
 
     kind: str
     task: str
-    root: Path
+    root: Path | None
     sources: list[str]
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -149,6 +158,7 @@ class LoadedDataset:
     set_aside: list[SetAsideItem]
     fingerprint: str
     image_size: int | None
+    origin: str | None = None
 
 
 @dataclass
@@ -182,6 +192,8 @@ def load_dataset(
     task: str = "classification",
     image_size: int = 32,
     feature_columns: list[str] | None = None,
+    data_root: str | Path | None = None,
+    max_memory_gb: float | None = None,
 ) -> LoadedDataset:
     """Load an image folder, a manifest or a table, read-only.
 
@@ -204,6 +216,15 @@ def load_dataset(
         nothing is cropped away: a mislabel visible only at an edge stays visible.
     feature_columns : list of str, optional
         Table: the feature columns. Default: every column but ``label_column``.
+    data_root : str or Path, optional
+        Manifest only: the folder its paths are relative to, instead of the
+        manifest's own folder (e.g. a manifest written by ``minnorm-audit clean``,
+        which lives outside the data). Paths must still stay inside that folder.
+    max_memory_gb : float, optional
+        Images: the most decoded pixels (``N x 3 x S x S`` bytes) to hold in memory.
+        Above it, ``inputs`` is a :class:`~minnorm_audit.streaming.LazyImages` that
+        decodes each image on access (same pixels), after a cheap pre-scan that sets
+        unreadable files aside. Default: half of the memory available now.
 
     Returns
     -------
@@ -252,21 +273,26 @@ def load_dataset(
     root = data_path.resolve()
 
     if root.is_dir():
+        if data_root is not None:
+            raise DataError(f"a data root applies to a manifest, but {shown} is a folder")
         if format not in ("auto", "images"):
             raise DataError(f"format {format!r} needs a .csv or .parquet file, but {shown} is a folder")
         if task != "classification":
             raise DataError(
                 f"task {task!r} needs a manifest or table with numeric targets, but {shown} is an image folder"
             )
-        return _load_image_folder(root, shown, image_size=image_size)
+        return _load_image_folder(root, shown, image_size=image_size, max_memory_gb=max_memory_gb)
 
     if format == "images":
         raise DataError(f"format 'images' needs a folder of class subfolders, but {shown} is a file")
     frame = _read_frame(root, shown)
     if format == "manifest" or (format == "auto" and path_column in frame.columns):
         return _load_manifest(
-            frame, root, shown, label_column=label_column, path_column=path_column, task=task, image_size=image_size
+            frame, root, shown, label_column=label_column, path_column=path_column, task=task, image_size=image_size,
+            base_dir=_data_root_folder(data_root), max_memory_gb=max_memory_gb,
         )
+    if data_root is not None:
+        raise DataError(f"a data root applies to a manifest (a file with a {path_column!r} column), but {shown} is a table")
     return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task)
 
 
@@ -367,7 +393,7 @@ def write_demo_dataset(out_dir: str | Path, *, noise_rate: float = 0.1, seed: in
 # --------------------------------------------------------------------------- image folder
 
 
-def _load_image_folder(root: Path, shown: str, *, image_size: int) -> LoadedDataset:
+def _load_image_folder(root: Path, shown: str, *, image_size: int, max_memory_gb: float | None = None) -> LoadedDataset:
     """Load ``root/<class>/<files>``; every class-folder file is tried as an image."""
     stray_files: list[SetAsideItem] = []
     class_dirs: list[Path] = []
@@ -391,11 +417,11 @@ def _load_image_folder(root: Path, shown: str, *, image_size: int) -> LoadedData
     if not candidates:
         raise DataError(f"no files in the class subfolders of {shown}")
 
-    decoded = _decode_image_files([file_path for _, _, file_path in candidates], image_size)
+    decoded = _read_image_files([file_path for _, _, file_path in candidates], image_size, max_memory_gb)
     kept: list[tuple[str, str, _DecodedImage]] = []
     unreadable: list[SetAsideItem] = []
     for (source, label, _), result in zip(candidates, decoded):
-        if result.pixels is None:
+        if result.reason is not None:
             unreadable.append(SetAsideItem(source, result.reason or "unreadable"))
         else:
             kept.append((source, label, result))
@@ -427,10 +453,13 @@ def _image_dataset(
     target_names: list[str] | None = None,
 ) -> LoadedDataset:
     """Assemble a LoadedDataset from decoded images (one (source, label, image) per example)."""
-    pixels = np.empty((len(kept), 3, image_size, image_size), dtype=np.uint8)
+    # Pre-scanned (not decoded) images are streamed: decoded per item on access.
+    lazy = bool(kept) and kept[0][2].pixels is None
+    pixels = None if lazy else np.empty((len(kept), 3, image_size, image_size), dtype=np.uint8)
     fingerprint = _Fingerprint("images", task, image_size)
     for position, (source, label, result) in enumerate(kept):
-        pixels[position] = result.pixels
+        if pixels is not None:
+            pixels[position] = result.pixels
         fingerprint.add_text(source)
         fingerprint.add_text(label)
         fingerprint.add_bytes(result.content_sha256)
@@ -441,7 +470,7 @@ def _image_dataset(
         task=task,
         root=root,
         sources=[source for source, _, _ in kept],
-        inputs=torch.from_numpy(pixels),
+        inputs=_lazy_images(kept, image_size) if pixels is None else torch.from_numpy(pixels),
         targets=targets,
         class_names=class_names,
         target_names=target_names or [],
@@ -465,11 +494,37 @@ def _nothing_readable_message(shown: str, set_aside: list[SetAsideItem]) -> str:
 
 @dataclass(frozen=True)
 class _DecodedImage:
-    """One file's outcome: pixels (3, S, S) or the reason it was set aside."""
+    """One file's outcome: pixels (3, S, S) or the reason it was set aside.
+
+    A streamed (pre-scanned, not decoded) readable file has ``pixels`` None,
+    ``reason`` None and its ``file_path``.
+    """
 
     pixels: np.ndarray | None
     reason: str | None
     content_sha256: bytes
+    file_path: Path | None = None
+
+
+def _read_image_files(file_paths: Sequence[Path], image_size: int, max_memory_gb: float | None) -> list[_DecodedImage]:
+    """Decode every file when the decoded images fit ``max_memory_gb``, else pre-scan them."""
+    from .streaming import images_fit_in_memory, prescan_image_file
+
+    if images_fit_in_memory(len(file_paths), image_size, max_memory_gb):
+        return _decode_image_files(file_paths, image_size)
+    max_workers = min(32, (os.cpu_count() or 1) + 4)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max_workers) as pool:
+        scanned = list(pool.map(prescan_image_file, file_paths))
+    return [
+        _DecodedImage(None, reason, content_sha256, None if reason else file_path)
+        for file_path, (reason, content_sha256) in zip(file_paths, scanned)
+    ]
+
+
+def _lazy_images(kept: Sequence[tuple[str, str, _DecodedImage]], image_size: int) -> Any:
+    from .streaming import LazyImages
+
+    return LazyImages([result.file_path for _, _, result in kept if result.file_path is not None], image_size)
 
 
 def _decode_image_files(file_paths: Sequence[Path], image_size: int) -> list[_DecodedImage]:
@@ -610,12 +665,16 @@ def _load_manifest(
     path_column: str,
     task: str,
     image_size: int,
+    base_dir: Path | None = None,
+    max_memory_gb: float | None = None,
 ) -> LoadedDataset:
-    """Load the images a manifest lists, each path relative to the manifest's folder."""
+    """Load the images a manifest lists, each path relative to the manifest's folder
+    (or to ``base_dir``, an explicit data root)."""
     _require_columns(frame, shown, {"path": path_column, "label": label_column})
     if len(frame) == 0:
         raise DataError(f"{shown} has no rows")
-    manifest_dir = manifest_path.parent
+    manifest_dir = base_dir or manifest_path.parent
+    base_name = "the data root" if base_dir else "the manifest's folder"
 
     written_paths: list[str] = []
     file_paths: list[Path] = []
@@ -623,7 +682,7 @@ def _load_manifest(
         written = _cell_text(value)
         if not written:
             raise DataError(f"{shown} row {row}: empty {path_column!r}")
-        file_paths.append(_contained_path(manifest_dir, written, f"{shown} row {row}"))
+        file_paths.append(_contained_path(manifest_dir, written, f"{shown} row {row}", base_name))
         written_paths.append(written)
 
     if task == "regression":
@@ -633,12 +692,12 @@ def _load_manifest(
         label_texts = _label_texts(frame[label_column], shown, label_column)
         all_targets = None
 
-    decoded = _decode_image_files(file_paths, image_size)
-    kept_rows = [row for row, result in enumerate(decoded) if result.pixels is not None]
+    decoded = _read_image_files(file_paths, image_size, max_memory_gb)
+    kept_rows = [row for row, result in enumerate(decoded) if result.reason is None]
     set_aside = [
         SetAsideItem(written_paths[row], result.reason or "unreadable")
         for row, result in enumerate(decoded)
-        if result.pixels is None
+        if result.reason is not None
     ]
     if not kept_rows:
         raise DataError(_nothing_readable_message(shown, set_aside))
@@ -662,14 +721,14 @@ def _load_manifest(
     return _image_dataset(manifest_path, kept, class_names, targets, set_aside, image_size)
 
 
-def _contained_path(base_dir: Path, written: str, where: str) -> Path:
+def _contained_path(base_dir: Path, written: str, where: str, base_name: str = "the manifest's folder") -> Path:
     """Resolve ``written`` under ``base_dir``; refuse anything that lands outside it."""
     if os.path.isabs(written) or written.startswith(("/", "\\")):
-        raise DataError(f"{where}: path {written!r} is absolute; manifest paths must be relative to its folder")
+        raise DataError(f"{where}: path {written!r} is absolute; manifest paths must be relative to {base_name}")
     # resolve() follows symlinks and '..', so both kinds of escape are caught here.
     resolved = (base_dir / written).resolve()
     if not resolved.is_relative_to(base_dir):
-        raise DataError(f"{where}: path {written!r} points outside the manifest's folder {base_dir}")
+        raise DataError(f"{where}: path {written!r} points outside {base_name} {base_dir}")
     return resolved
 
 
@@ -882,3 +941,389 @@ class _Fingerprint:
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
+
+
+# --------------------------------------------------------------------------- in-memory inputs
+#
+# Data that is already in memory (a DataFrame, numpy arrays, a torch Dataset) goes
+# through the same validation as the files: a table's features and labels through
+# _load_table, images through the same conversion to uint8 RGB at image_size. Its
+# ``sources`` are positions (0-based), ``root`` is None and ``origin`` says what it was.
+
+_CHANNEL_COUNTS = (1, 3, 4)
+
+
+def load_frame(
+    frame: pd.DataFrame,
+    *,
+    label_column: str = "label",
+    feature_columns: list[str] | None = None,
+    task: str = "classification",
+) -> LoadedDataset:
+    """Load a pandas DataFrame of numeric features and a label column.
+
+    Parameters
+    ----------
+    frame : DataFrame
+        One row per example. Its index is ignored: examples are identified by
+        position (``sources`` are ``"0"``, ``"1"``, ...).
+    label_column : str, default="label"
+        The column holding labels (or regression targets).
+    feature_columns : list of str, optional
+        The feature columns. Default: every column but ``label_column``.
+    task : {"classification", "regression"}, default="classification"
+
+    Returns
+    -------
+    LoadedDataset
+        ``kind="table"``, ``root=None``, ``origin="dataframe"``.
+
+    Raises
+    ------
+    DataError
+        The same one-line errors as a table file: missing label column, non-numeric
+        feature columns, NaN/inf features, empty labels, a single class, no rows.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        raise TypeError(f"load_frame needs a pandas DataFrame, got {type(frame).__name__}")
+    _check_task(task)
+    named = frame.rename(columns=str).reset_index(drop=True)
+    if named.columns.duplicated().any():
+        duplicated = sorted(set(named.columns[named.columns.duplicated()]))
+        raise DataError(f"the DataFrame has duplicated column names: {_list_names(duplicated)}")
+    loaded = _load_table(
+        named, None, "the DataFrame",  # type: ignore[arg-type]  # no file: root is None
+        label_column=str(label_column),
+        feature_columns=None if feature_columns is None else [str(name) for name in feature_columns],
+        task=task,
+    )
+    loaded.origin = "dataframe"
+    return loaded
+
+
+def load_arrays(
+    inputs: Any,
+    labels: Any,
+    *,
+    task: str = "classification",
+    image_size: int = 32,
+) -> LoadedDataset:
+    """Load numpy arrays ``(X, y)``: features (2-D ``X``) or images (3-D/4-D ``X``).
+
+    Parameters
+    ----------
+    inputs : array-like
+        ``(N, D)`` features; ``(N, C, H, W)`` or ``(N, H, W, C)`` images with
+        ``C`` in 1, 3, 4 (channels first is assumed when both axes could be
+        channels); ``(N, H, W)`` gray images. Anything ``numpy.asarray`` accepts,
+        CPU tensors included.
+    labels : array-like, shape (N,)
+        Class labels (any type that turns into text) or regression targets.
+    task : {"classification", "regression"}, default="classification"
+    image_size : int, default=32
+        Images are resized to ``image_size x image_size``.
+
+    Returns
+    -------
+    LoadedDataset
+        ``root=None``, ``origin="arrays"``; ``sources`` are positions.
+
+    Raises
+    ------
+    DataError
+        Shapes that do not fit, NaN/inf values, empty labels, a single class.
+
+    Notes
+    -----
+    Images become uint8 RGB: uint8 values are used as they are, other values within
+    [0, 1] are scaled by 255, values within [0, 255] kept, and anything else (e.g.
+    normalized tensors) is mapped linearly from the data's overall minimum and
+    maximum to 0..255 (one map for the whole dataset, so relative brightness
+    between images is kept). Four channels are RGBA, composited onto white.
+    """
+    _check_task(task)
+    _check_image_size(image_size)
+    array = np.asarray(inputs)
+    targets = np.asarray(labels)
+    if targets.ndim == 2 and targets.shape[1] == 1:
+        targets = targets[:, 0]
+    if targets.ndim != 1:
+        raise DataError(f"labels must be one-dimensional (N,), got shape {targets.shape}")
+    if array.ndim == 0 or array.shape[0] != targets.shape[0]:
+        raise DataError(f"inputs and labels differ in length: inputs {array.shape}, labels {targets.shape}")
+    if array.shape[0] == 0:
+        raise DataError("the arrays (X, y) have no rows")
+    if array.ndim == 2:
+        frame = pd.DataFrame(array, columns=[f"feature_{index}" for index in range(array.shape[1])])
+        frame["label"] = targets
+        loaded = _load_table(frame, None, "the arrays (X, y)", label_column="label",  # type: ignore[arg-type]
+                             feature_columns=None, task=task)
+        loaded.origin = "arrays"
+        return loaded
+    if array.ndim == 3:
+        images = list(array)
+    elif array.ndim == 4:
+        channels_first = array.shape[1] in _CHANNEL_COUNTS
+        if not channels_first and array.shape[3] not in _CHANNEL_COUNTS:
+            raise DataError(
+                f"cannot tell the channel axis of images shaped {array.shape}: expected (N, C, H, W) "
+                "or (N, H, W, C) with C = 1, 3 or 4"
+            )
+        images = list(array.transpose(0, 2, 3, 1) if channels_first else array)
+    else:
+        raise DataError(f"inputs must be 2-D features or 3-D/4-D images, got shape {array.shape}")
+    positions = list(range(len(images)))
+    return _in_memory_images(
+        images, list(targets), positions, [], task=task, image_size=image_size, origin="arrays", shown="the arrays (X, y)"
+    )
+
+
+def load_torch_dataset(
+    dataset: Any,
+    *,
+    task: str = "classification",
+    image_size: int = 32,
+) -> LoadedDataset:
+    """Load a torch ``Dataset`` (or any iterable) yielding ``(input, label)`` pairs.
+
+    Parameters
+    ----------
+    dataset : torch.utils.data.Dataset or iterable
+        Read once, in order: ``dataset[i]`` for ``i < len(dataset)`` when it has
+        both, else ``iter(dataset)``. An input is a tensor or array (``(D,)``
+        features, ``(C, H, W)``/``(H, W, C)``/``(H, W)`` image) or a PIL image; a
+        label is a number, a string or a one-element tensor.
+    task : {"classification", "regression"}, default="classification"
+    image_size : int, default=32
+
+    Returns
+    -------
+    LoadedDataset
+        ``root=None``, ``origin="dataset"``; ``sources`` are positions in the dataset.
+
+    Raises
+    ------
+    DataError
+        Nothing usable, inputs of mixed kinds, feature vectors of different lengths.
+
+    Notes
+    -----
+    An item whose loading raises, or that is not an ``(input, label)`` pair, is set
+    aside with the reason, like an unreadable file; the others keep their position as
+    ``source``. Image values are converted as in :func:`load_arrays`.
+    """
+    _check_task(task)
+    _check_image_size(image_size)
+    inputs: list[np.ndarray] = []
+    labels: list[Any] = []
+    positions: list[int] = []
+    set_aside: list[SetAsideItem] = []
+    for position, item in _dataset_items(dataset):
+        try:
+            if isinstance(item, BaseException):
+                raise item
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise _ItemError("item is not an (input, label) pair")
+            value, label = item
+            inputs.append(_item_array(value))
+            labels.append(_item_label(label))
+        except Exception as err:  # noqa: BLE001 - one bad item never stops the run; the reason keeps what happened
+            detail = str(err) if isinstance(err, _ItemError) else f"cannot load item ({type(err).__name__}: {' '.join(str(err).split())[:100]})"
+            set_aside.append(SetAsideItem(str(position), detail))
+            del inputs[len(positions):], labels[len(positions):]
+            continue
+        positions.append(position)
+    shown = "the torch Dataset"
+    if not positions:
+        if not set_aside:
+            raise DataError(f"{shown} yielded no items")
+        raise DataError(
+            f"no usable items in {shown}: all {len(set_aside)} items were set aside "
+            f"(first: item {set_aside[0].source}: {set_aside[0].reason})"
+        )
+    vectors = [array.ndim == 1 for array in inputs]
+    if any(vectors) and not all(vectors):
+        first = vectors.index(not vectors[0])
+        raise DataError(f"{shown} mixes feature vectors and images (item {positions[0]} and item {positions[first]})")
+    if not vectors[0]:
+        return _in_memory_images(inputs, labels, positions, set_aside, task=task, image_size=image_size,
+                                 origin="dataset", shown=shown)
+    lengths = {len(array) for array in inputs}
+    if len(lengths) > 1:
+        raise DataError(f"{shown} yields feature vectors of different lengths: {sorted(lengths)[:5]}")
+    frame = pd.DataFrame(np.stack(inputs), columns=[f"feature_{index}" for index in range(len(inputs[0]))])
+    frame["label"] = pd.Series(labels, dtype=object)
+    loaded = _load_table(frame, None, shown, label_column="label", feature_columns=None, task=task)  # type: ignore[arg-type]
+    loaded.sources = [str(position) for position in positions]
+    loaded.set_aside = set_aside
+    loaded.origin = "dataset"
+    return loaded
+
+
+class _ItemError(Exception):
+    """A dataset item that is not usable; the message is the set-aside reason."""
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _check_image_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _data_root_folder(data_root: str | Path | None) -> Path | None:
+    """An explicit data root for manifest paths, resolved; it must be a folder."""
+    if data_root is None:
+        return None
+    folder = Path(data_root).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data root {data_root} is not a folder")
+    return folder.resolve()
+
+
+def _dataset_items(dataset: Any) -> Iterable[tuple[int, Any]]:
+    """(position, item) pairs; an exception raised by ``dataset[i]`` is yielded as the item."""
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        for position in range(len(dataset)):
+            try:
+                item = dataset[position]
+            except Exception as err:  # noqa: BLE001 - reported as this item's set-aside reason
+                item = err
+            yield position, item
+        return
+    try:
+        iterator = iter(dataset)
+    except TypeError:
+        raise TypeError(f"a torch Dataset or an iterable of (input, label) pairs is needed, got {type(dataset).__name__}") from None
+    yield from enumerate(iterator)
+
+
+def _item_array(value: Any) -> np.ndarray:
+    """A dataset item's input as a numpy array: (D,) features, (H, W) or (H, W, C) image."""
+    if isinstance(value, Image.Image):
+        image = _apply_exif_orientation(value)
+        if image.mode in _HIGH_DEPTH_MODES:
+            return np.asarray(image.convert("F"), dtype=np.float32)
+        if image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+        return np.asarray(image)
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise _ItemError(f"input is not numeric (dtype {array.dtype})")
+    if array.ndim == 3:
+        if array.shape[0] in _CHANNEL_COUNTS:  # (C, H, W), torchvision's layout
+            return array.transpose(1, 2, 0)
+        if array.shape[2] not in _CHANNEL_COUNTS:
+            raise _ItemError(f"cannot tell the channel axis of an image shaped {array.shape}")
+        return array
+    if array.ndim in (1, 2):
+        return array
+    raise _ItemError(f"input must be a feature vector or an image, got shape {array.shape}")
+
+
+def _item_label(label: Any) -> Any:
+    if isinstance(label, torch.Tensor):
+        if label.numel() != 1:
+            raise _ItemError(f"label is not a single value (shape {tuple(label.shape)})")
+        return label.item()
+    if isinstance(label, np.ndarray):
+        if label.size != 1:
+            raise _ItemError(f"label is not a single value (shape {label.shape})")
+        return label.reshape(()).item()
+    return label
+
+
+def _in_memory_images(
+    images: list[np.ndarray],
+    labels: list[Any],
+    positions: list[int],
+    set_aside: list[SetAsideItem],
+    *,
+    task: str,
+    image_size: int,
+    origin: str,
+    shown: str,
+) -> LoadedDataset:
+    """Images given as (H, W) or (H, W, C) arrays -> a LoadedDataset of uint8 (N, 3, S, S)."""
+    sources = [str(position) for position in positions]
+    label_series = pd.Series(labels, dtype=object)
+    if task == "regression":
+        target_values = _numeric_targets(label_series, shown, "label")
+        label_texts = None
+    else:
+        label_texts = _label_texts(label_series, shown, "label")
+        target_values = None
+    scale = _image_value_map(images, positions, shown)
+    pixels = np.empty((len(images), 3, image_size, image_size), dtype=np.uint8)
+    fingerprint = _Fingerprint("images", task, image_size)
+    for index, image in enumerate(images):
+        if image.ndim == 3 and image.shape[2] not in _CHANNEL_COUNTS:
+            raise DataError(f"{shown}: item {positions[index]} has {image.shape[2]} channels; expected 1, 3 or 4")
+        pixels[index] = _array_to_pixels(image, scale, image_size)
+        fingerprint.add_text(sources[index])
+        fingerprint.add_text(label_texts[index] if label_texts is not None else "")
+        raw = np.ascontiguousarray(image)
+        fingerprint.add_bytes(
+            hashlib.sha256(f"{raw.dtype.str}{raw.shape}".encode() + _little_endian_bytes(raw)).digest()
+        )
+    if target_values is not None:
+        fingerprint.add_bytes(_little_endian_bytes(target_values))
+        class_names: list[str] = []
+        targets = torch.from_numpy(target_values.reshape(-1, 1))
+        target_names = ["label"]
+    else:
+        assert label_texts is not None
+        class_names, targets = _class_indices(label_texts, shown)
+        target_names = []
+    return LoadedDataset(
+        kind="images",
+        task=task,
+        root=None,
+        sources=sources,
+        inputs=torch.from_numpy(pixels),
+        targets=targets,
+        class_names=class_names,
+        target_names=target_names,
+        feature_names=[],
+        set_aside=set_aside,
+        fingerprint=fingerprint.hexdigest(),
+        image_size=image_size,
+        origin=origin,
+    )
+
+
+def _image_value_map(images: list[np.ndarray], positions: list[int], shown: str) -> tuple[float, float]:
+    """(offset, factor) taking the non-uint8 images' values to 0..255 (see load_arrays' Notes)."""
+    low, high = math.inf, -math.inf
+    for index, image in enumerate(images):
+        if image.dtype == np.uint8:
+            continue
+        values = image.astype(np.float64, copy=False)
+        if not np.isfinite(values).all():
+            raise DataError(f"{shown}: item {positions[index]} has NaN or infinite pixel values")
+        if values.size:
+            low, high = min(low, float(values.min())), max(high, float(values.max()))
+    if low == math.inf or (low >= 0.0 and high <= 255.0 and high > 1.0):
+        return 0.0, 1.0
+    if low >= 0.0 and high <= 1.0:
+        return 0.0, 255.0
+    return low, 255.0 / (high - low) if high > low else 0.0
+
+
+def _array_to_pixels(image: np.ndarray, value_map: tuple[float, float], image_size: int) -> np.ndarray:
+    """One (H, W) or (H, W, C) image -> uint8 (3, S, S), resized like the files are."""
+    if image.dtype != np.uint8:
+        offset, factor = value_map
+        image = np.rint((image.astype(np.float64) - offset) * factor).clip(0, 255).astype(np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    rgb = _to_rgb(Image.fromarray(np.ascontiguousarray(image)))  # L, RGB or RGBA from the shape
+    target = (image_size, image_size)
+    if rgb.size != target:
+        rgb = rgb.resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()

@@ -390,6 +390,12 @@ class Minnorm(torch.optim.Optimizer):
         self._pending_batch_size = 0
         return pending
 
+    def restore_pending(self, pending: list[PendingDualUpdate]) -> None:
+        """Hand back recorded updates (e.g. merged across ranks) for the next :meth:`step`,
+        which scales the norm term by their example count and applies them."""
+        self._pending = list(pending)
+        self._pending_batch_size = sum(int(update.example_ids.numel()) for update in pending)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One weight step of the base optimizer on ``L``, then the dual step."""

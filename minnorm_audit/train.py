@@ -1,8 +1,15 @@
-"""fit(): Minnorm training of a network on tensors, with checkpoint/resume and diagnostics.
+"""fit(): Minnorm training of a network, with checkpoint/resume and diagnostics.
 
-One code path for CPU and GPU: the data is held on the training device and indexed
-with ``randperm`` batches (airbench style), which are exactly the example ids the
-multiplier lookup needs. bf16 autocast on CUDA, a no-op elsewhere.
+One code path for CPU and GPU: every epoch draws a seeded ``randperm`` and splits it
+into batches of example ids, which are exactly what the multiplier lookup needs. The
+data is held on the training device when it fits (airbench style), else batches come
+from a DataLoader with workers and pinned memory (``streaming.py``). bf16 autocast on
+CUDA, a no-op elsewhere.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+DistributedDataParallel, each global batch is split into contiguous per-rank slices
+and the dual updates are merged across ranks (``distributed.py``); every rank ends
+with the same multipliers, and only rank 0 writes the checkpoint and shows progress.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import distributed
 from .minnorm import ConstraintForm, Minnorm
+from .streaming import BatchSource, LazyImages, make_batch_source
 
 
 class TrainingError(RuntimeError):
@@ -46,6 +55,10 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False
     score_state: str = "average"
+    # Data placement (streaming.py): decoded data above this many GiB is not held
+    # in memory (None: half of what is available); workers decode streamed images.
+    max_memory_gb: float | None = None
+    workers: int = 4
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +76,8 @@ class FitResult:
     epochs_run: int = 0
     train_seconds: float = 0.0
     device: str = "cpu"
+    data_placement: str = "device"
+    world_size: int = 1
 
     def scored_multipliers(self, state: str) -> np.ndarray:
         """The multiplier state the scores are read from: ``"final"`` or ``"average"``."""
@@ -137,7 +152,7 @@ def _progress_bar(total: int, initial: int, enabled: bool):  # type: ignore[no-u
 
 def fit(
     model: nn.Module,
-    inputs: torch.Tensor,
+    inputs: torch.Tensor | LazyImages,
     targets: torch.Tensor,
     *,
     form: ConstraintForm,
@@ -155,8 +170,10 @@ def fit(
     ----------
     model : torch.nn.Module
         Maps a batch of ``inputs`` to ``(batch, num_outputs)``.
-    inputs, targets : Tensor
-        The whole dataset; example ``i`` is row ``i`` (its id).
+    inputs : Tensor or LazyImages
+        The whole dataset; example ``i`` is row ``i`` (its id). Held on the device when
+        it fits ``config.max_memory_gb``, else fed by a DataLoader (``streaming.py``).
+    targets : Tensor
     form : {"margin", "equality"}
     num_outputs : int
     config : TrainConfig
@@ -174,15 +191,17 @@ def fit(
     Returns
     -------
     FitResult
+        The same on every rank of a torchrun launch.
     """
-    device = resolve_device(config.device)
+    context, device = distributed.setup(resolve_device(config.device))
     _seed_everything(config.seed, config.deterministic)
     num_examples = int(inputs.shape[0])
     model = model.to(device)
-    # Keep the whole dataset on the device when it fits (the common case for audits
-    # of up to a few hundred thousand small images or embeddings).
-    inputs = inputs.to(device)
+    # The whole dataset on the device when it fits (the common case for audits of up
+    # to a few hundred thousand small images or embeddings), else a DataLoader.
+    source = make_batch_source(inputs, device, workers=config.workers, max_memory_gb=config.max_memory_gb)
     targets = targets.to(device)
+    training_model = distributed.wrap_model(model, context, device)
     base = make_base_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], config.lr)
     optimizer = Minnorm(
         base,
@@ -195,6 +214,8 @@ def fit(
         model=model,
         dataset_fingerprint=dataset_fingerprint,
         device=device,
+        # A float64 model (closed-form checks) keeps float64 multipliers.
+        multiplier_dtype=torch.promote_types(_parameter_dtype(model), torch.float32),
     )
     batch_generator = torch.Generator(device="cpu")
     batch_generator.manual_seed(config.seed)
@@ -217,18 +238,18 @@ def fit(
         history = [dict(entry) for entry in state["history"]]
         start_epoch = int(state["epoch"])
 
-    bar = _progress_bar(config.epochs, start_epoch, progress)
+    bar = _progress_bar(config.epochs, start_epoch, progress and context.is_main)
     started = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, config.epochs):
-        train_one_epoch(model, optimizer, inputs, targets, config.batch_size, batch_generator, device)
+        train_one_epoch(training_model, optimizer, source, targets, config.batch_size, batch_generator, context)
         diagnostics = optimizer.diagnostics()
         check_finite(optimizer, diagnostics)
         # Running mean of the multipliers over epochs: the "average" score state.
         average_multipliers.mul_(epoch / (epoch + 1)).add_(optimizer.dense_multipliers(), alpha=1 / (epoch + 1))
         diagnostics = {"epoch": epoch + 1, **diagnostics}
         history.append(diagnostics)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and context.is_main:
             atomic_torch_save(
                 {
                     "model": model.state_dict(),
@@ -249,13 +270,14 @@ def fit(
                 fitted=f"{diagnostics['fraction_fitted']:.1%}",
             )
             bar.update(1)
-        if on_epoch is not None:
+        if on_epoch is not None and context.is_main:
             on_epoch(diagnostics)
     if bar is not None:
         bar.close()
     train_seconds = time.perf_counter() - started
 
-    final_outputs = predict(model, inputs, config.batch_size, device)
+    final_outputs = predict(model, source, config.batch_size, context)
+    source.close()
     labels = None if form == "equality" else targets.detach().cpu().numpy().astype(np.int64)
     return FitResult(
         final_multipliers=optimizer.dense_multipliers().detach().float().cpu().numpy(),
@@ -266,41 +288,89 @@ def fit(
         epochs_run=len(history),
         train_seconds=train_seconds,
         device=str(device),
+        data_placement=source.placement,
+        world_size=context.world_size,
     )
 
 
 def train_one_epoch(
     model: nn.Module,
     optimizer: Minnorm,
-    inputs: torch.Tensor,
+    source: BatchSource,
     targets: torch.Tensor,
     batch_size: int,
     batch_generator: torch.Generator,
-    device: torch.device,
+    context: distributed.DistributedContext | None = None,
 ) -> None:
-    """One pass over the data in random batches; every example is seen exactly once."""
-    order = torch.randperm(inputs.shape[0], generator=batch_generator).to(device)
-    for batch_ids in order.split(batch_size):
-        with autocast_context(device):
-            outputs = model(inputs.index_select(0, batch_ids))
+    """One pass over the data in random batches; every example is seen exactly once.
+
+    The permutation is the same on every rank; each rank trains on its contiguous
+    slice of every global batch (all of it in a single process).
+    """
+    context = context or distributed.DistributedContext()
+    order = torch.randperm(len(source), generator=batch_generator)
+    global_batches = list(order.split(batch_size))
+    local_batches = [distributed.rank_slice(batch, context) for batch in global_batches]
+    for global_batch, (batch_ids, batch_inputs) in zip(global_batches, source.iterate(local_batches)):
+        with autocast_context(batch_inputs.device):
+            outputs = model(batch_inputs)
         loss = optimizer.lagrangian(outputs, targets.index_select(0, batch_ids), batch_ids)
+        if context.enabled:
+            # DDP averages gradients; the Lagrangian is a sum over the global batch.
+            loss = loss * context.world_size
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.merge_pending(optimizer, global_batch, context)
         optimizer.step()
 
 
 @torch.no_grad()
-def predict(model: nn.Module, inputs: torch.Tensor, batch_size: int, device: torch.device) -> np.ndarray:
-    """Network outputs for every example, as float32 numpy (batch-wise, eval mode)."""
+def predict(
+    model: nn.Module,
+    source: BatchSource | torch.Tensor,
+    batch_size: int,
+    context: distributed.DistributedContext | None = None,
+) -> np.ndarray:
+    """Network outputs for every example, as float32 numpy (batch-wise, eval mode).
+
+    In a torchrun launch each rank predicts a contiguous shard and the shards are
+    gathered, so every rank returns all outputs.
+    """
+    context = context or distributed.DistributedContext()
+    if isinstance(source, torch.Tensor):
+        source = make_batch_source(source, next(model.parameters()).device)
     was_training = model.training
     model.eval()
+    shards = torch.tensor_split(torch.arange(len(source)), context.world_size)
+    shard = shards[context.rank]
     outputs = []
-    for start in range(0, inputs.shape[0], max(batch_size, 512)):
-        with autocast_context(device):
-            batch_outputs = model(inputs[start : start + max(batch_size, 512)])
-        outputs.append(batch_outputs.float().reshape(batch_outputs.shape[0], -1).cpu())
+    for _, batch_inputs in source.iterate(list(shard.split(max(batch_size, 512)))):
+        with autocast_context(batch_inputs.device):
+            batch_outputs = model(batch_inputs)
+        outputs.append(batch_outputs.float().reshape(batch_outputs.shape[0], -1))
     model.train(was_training)
-    return torch.cat(outputs).numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
+    if context.enabled:
+        width = _output_width(model, source) if not outputs else outputs[0].shape[1]
+        local = torch.cat(outputs) if outputs else torch.zeros((0, width), device=_model_device(model))
+        gathered = distributed.gather_rows(local, [int(part.numel()) for part in shards], context)
+        return gathered.cpu().numpy()
+    return torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    first = next(model.parameters(), None)
+    return first.dtype if first is not None and first.is_floating_point() else torch.float32
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _output_width(model: nn.Module, source: BatchSource) -> int:
+    """Output width from one example (a rank whose prediction shard is empty)."""
+    _, first = next(source.iterate([torch.arange(1)]))
+    with autocast_context(first.device):
+        return int(model(first).reshape(1, -1).shape[1])
 
 
 def check_finite(optimizer: Minnorm, diagnostics: dict[str, float]) -> None:

@@ -1,0 +1,168 @@
+"""Data-parallel Minnorm training under ``torchrun`` (DistributedDataParallel).
+
+How a global batch is shared out, and why the result equals a single-process run:
+
+- Every rank draws the same seeded ``randperm`` per epoch, so every rank knows every
+  global batch. Each global batch is cut into ``world_size`` *contiguous* slices with
+  ``tensor_split`` (sizes differ by at most one; a rank may get zero examples in a
+  last batch smaller than ``world_size``). No sampler padding: an example is seen by
+  exactly one rank per epoch.
+- The Lagrangian's constraint term is a *sum* over examples and DDP *averages*
+  gradients, so each rank's term is multiplied by ``world_size``: the averaged
+  gradient is the gradient of the global batch's sum. A rank with no examples still
+  runs its (empty) forward and backward so the all-reduce goes through.
+- Minnorm adds the norm term scaled by ``batch / num_examples``; with the merged
+  update handed back before ``step()``, that batch is the *global* one.
+- Dual updates: each rank's constraint values are all-gathered (padded to the
+  largest slice, stripped again), joined in rank order into one update for the whole
+  global batch, and applied by every rank: all ranks hold identical multipliers, the
+  ones a single process would hold for the same global batches.
+
+Only rank 0 writes files and logs. Multi-node runs need the run folder (checkpoint,
+``--resume``) on a filesystem every node sees.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .minnorm import Minnorm, PendingDualUpdate
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands in a ``torchrun`` launch (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def context_from_env() -> DistributedContext:
+    """Read ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE`` as torchrun sets them."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistributedContext()
+    return DistributedContext(
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
+    )
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a torchrun launch and in every plain (single-process) run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return context_from_env().is_main
+
+
+def setup(device: torch.device) -> tuple[DistributedContext, torch.device]:
+    """Join the process group when launched by torchrun with ``WORLD_SIZE > 1``.
+
+    NCCL for CUDA (each process on ``cuda:LOCAL_RANK``), gloo otherwise. Returns the
+    context and the device this rank trains on. A plain run returns rank 0 of 1 and
+    ``device`` unchanged.
+    """
+    context = context_from_env()
+    if not context.enabled:
+        return context, device
+    if device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return context, device
+
+
+def teardown() -> None:
+    """Leave the process group (a no-op when none was joined)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, context: DistributedContext, device: torch.device) -> torch.nn.Module:
+    """``model`` in DistributedDataParallel under torchrun, else ``model`` itself.
+
+    Buffers are not re-broadcast every forward (the default networks' buffers are the
+    frozen input statistics, identical on every rank after DDP's initial broadcast).
+    """
+    if not context.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    try:  # torch >= 2.14 names it forward_sync_buffers (buffers are still synced at init)
+        return DistributedDataParallel(model, device_ids=device_ids, forward_sync_buffers=False)
+    except TypeError:
+        return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def rank_slice(global_batch: torch.Tensor, context: DistributedContext) -> torch.Tensor:
+    """This rank's contiguous share of a global batch of example ids (may be empty)."""
+    if not context.enabled:
+        return global_batch
+    return torch.tensor_split(global_batch, context.world_size)[context.rank]
+
+
+def merge_pending(
+    optimizer: Minnorm, global_batch: torch.Tensor, context: DistributedContext
+) -> None:
+    """Replace this rank's recorded dual update by the merged one of the global batch.
+
+    Called after ``backward()`` and before ``optimizer.step()``. The ids of every
+    slice are known on every rank (same permutation), so only the constraint values
+    travel; labels are the targets of the same ids, taken from this rank's record.
+    """
+    pending = optimizer.take_pending()
+    if not context.enabled:
+        optimizer.restore_pending(pending)
+        return
+    if len(pending) != 1:
+        raise RuntimeError(f"expected one recorded batch per step in distributed training, got {len(pending)}")
+    local = pending[0]
+    slices = torch.tensor_split(global_batch, context.world_size)
+    sizes = [int(part.numel()) for part in slices]
+    longest = max(sizes)
+    values = local.constraint_values
+    padded = values.new_zeros((longest, *values.shape[1:]))
+    padded[: values.shape[0]] = values
+    gathered = [torch.empty_like(padded) for _ in range(context.world_size)]
+    dist.all_gather(gathered, padded)
+    constraint_values = torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+    labels = None
+    if local.labels is not None:
+        labels_padded = local.labels.new_full((longest,), -1)
+        labels_padded[: local.labels.shape[0]] = local.labels
+        gathered_labels = [torch.empty_like(labels_padded) for _ in range(context.world_size)]
+        dist.all_gather(gathered_labels, labels_padded)
+        labels = torch.cat([part[:size] for part, size in zip(gathered_labels, sizes)])
+    example_ids = global_batch.to(local.example_ids.device)
+    optimizer.restore_pending([PendingDualUpdate(example_ids, constraint_values, labels)])
+
+
+def gather_rows(local_rows: torch.Tensor, sizes: list[int], context: DistributedContext) -> torch.Tensor:
+    """All-gather per-rank row blocks of known ``sizes`` (padded, then stripped) in rank order."""
+    if not context.enabled:
+        return local_rows
+    longest = max(sizes)
+    padded = local_rows.new_zeros((longest, *local_rows.shape[1:]))
+    padded[: local_rows.shape[0]] = local_rows
+    gathered = [torch.empty_like(padded) for _ in range(context.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
