@@ -8,6 +8,8 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 from .audit import AuditOptions, AuditResult, audit  # noqa: E402
+from .clean import CleanError, CleanResult, Decision, DecisionsError, clean, read_decisions  # noqa: E402
+from .data import DataError, LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset  # noqa: E402
 from .minnorm import Minnorm, StateMismatchError, default_norm_parameters  # noqa: E402
 from .scores import (  # noqa: E402
     difficulty_scores,
@@ -20,7 +22,19 @@ from .scores import (  # noqa: E402
 __all__ = [
     "AuditOptions",
     "AuditResult",
+    "CleanError",
+    "CleanResult",
+    "DataError",
+    "Decision",
+    "DecisionsError",
+    "LoadedDataset",
     "audit",
+    "clean",
+    "load_arrays",
+    "load_dataset",
+    "load_frame",
+    "load_torch_dataset",
+    "read_decisions",
     "Minnorm",
     "StateMismatchError",
     "__version__",

@@ -202,3 +202,109 @@ def test_gallery_filter(driver: Any, report: tuple[Path, dict[str, Any]]) -> Non
     assert len(visible()) == len(gallery)
     assert _severe(driver) == []
 
+
+
+# --------------------------------------------------------------------------- review loop
+
+
+@pytest.fixture(scope="module")
+def audited_photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
+    """A real audit of colour-coded images with one flipped label per class, and a
+    class named like markup: (data root, run folder, {flipped source: true class})."""
+    import numpy as np
+    from PIL import Image
+
+    import minnorm_audit
+
+    rng = np.random.default_rng(0)
+    root = tmp_path_factory.mktemp("review") / "photos"
+    colours = {"bird": (40, 40, 200), "cat": (200, 40, 40), HOSTILE_CLASS: (40, 200, 40)}
+    names = list(colours)
+    for name in names:
+        (root / name).mkdir(parents=True)
+    flips = {}
+    for position, (name, colour) in enumerate(colours.items()):
+        for index in range(12):
+            pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (8, 8, 3)), 0, 255).astype(np.uint8)
+            folder = names[(position + 1) % 3] if index == 0 else name
+            file_name = f"{position}-{index}.png"
+            if index == 0:
+                flips[f"{folder}/{file_name}"] = name
+            Image.fromarray(pixels).save(root / folder / file_name)
+    result = minnorm_audit.audit(root, out=root.parent / "run", epochs=5, lr=0.01, image_size=8, device="cpu",
+                                 flag_fraction=0.15)
+    return root, result.run_dir, flips
+
+
+def test_review_decisions_download_and_feed_clean(driver: Any, audited_photos: Any, tmp_path: Path) -> None:
+    import hashlib
+    import time
+
+    import pandas as pd
+    from click.testing import CliRunner
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from minnorm_audit.cli import main
+
+    root, run_dir, flips = audited_photos
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    driver.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    _open(driver, run_dir / "report.html")
+    assert driver.find_element(By.ID, "review-bar").is_displayed()
+    download = driver.find_element(By.ID, "review-download")
+    assert not download.is_enabled()
+    items = {item.get_attribute("data-source"): item for item in driver.find_elements(By.CSS_SELECTOR, "#gallery-items .item")}
+    assert set(flips) <= set(items)
+    flipped = sorted(flips)
+    others = [source for source in items if source not in flips]
+    assert len(others) >= 2
+
+    # Relabel one flip to the (hostile-named) class the page offers; keep the other flips...
+    target = next(source for source in flipped if flips[source] == HOSTILE_CLASS)
+    items[target].find_element(By.CSS_SELECTOR, "button.relabel").click()
+    select = Select(items[target].find_element(By.CSS_SELECTOR, "select.relabel-class"))
+    assert select.first_selected_option.get_attribute("value") == HOSTILE_CLASS  # the suggestion, preselected
+    assert [option.get_attribute("value") for option in select.options] == sorted(["bird", "cat", HOSTILE_CLASS])
+    kept = [source for source in flipped if source != target]
+    for source in kept:
+        items[source].find_element(By.CSS_SELECTOR, "button.keep").click()
+    # ...drop one unflagged-by-the-rule example, and change our mind about another.
+    items[others[0]].find_element(By.CSS_SELECTOR, "button.drop").click()
+    undone = items[others[1]].find_element(By.CSS_SELECTOR, "button.drop")
+    undone.click()
+    undone.click()
+    assert undone.get_attribute("aria-pressed") == "false"
+    status = driver.find_element(By.ID, "review-status").text
+    assert status == f"{len(kept) + 2} decisions: {len(kept)} keep, 1 drop, 1 relabel"
+
+    download.click()
+    files: list[Path] = []
+    for _ in range(100):
+        files = [path for path in downloads.iterdir() if not path.name.endswith(".crdownload")]
+        if files:
+            break
+        time.sleep(0.1)
+    assert [path.name for path in files] == [f"decisions-{run_dir.name}.csv"]
+    decisions = pd.read_csv(files[0], dtype=str, keep_default_na=False)
+    assert list(decisions.columns) == ["source", "decision", "label"]
+    assert dict(zip(decisions["source"], decisions["decision"])) == {
+        target: "relabel", others[0]: "drop", **{source: "keep" for source in kept}
+    }
+    assert _severe(driver) == []
+
+    # The downloaded decisions drive `clean`; the rule drops the other mislabeled examples.
+    data_before = hashlib.sha256(b"".join(path.read_bytes() for path in sorted(root.rglob("*.png")))).hexdigest()
+    out = tmp_path / "cleaned.csv"
+    result = CliRunner().invoke(main, ["clean", str(run_dir), "--out", str(out), "--decisions", str(files[0])])
+    assert result.exit_code == 0, result.output
+    trail = pd.read_csv(out.with_name("cleaned.trail.csv"), dtype=str, keep_default_na=False).set_index("source")
+    assert trail.loc[target, ["action", "label", "decided_by"]].tolist() == ["relabeled", HOSTILE_CLASS, "reviewer"]
+    for source in kept:
+        assert trail.loc[source, ["action", "decided_by"]].tolist() == ["kept", "reviewer"]
+    assert trail.loc[others[0], ["action", "decided_by"]].tolist() == ["dropped", "reviewer"]
+    assert trail.loc[others[1], "decided_by"] == "rule"
+    manifest = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("source")
+    assert manifest.loc[target, "label"] == HOSTILE_CLASS and others[0] not in manifest.index
+    assert hashlib.sha256(b"".join(path.read_bytes() for path in sorted(root.rglob("*.png")))).hexdigest() == data_before

@@ -221,6 +221,8 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
     context["gallery"] = items
     context["gallery_flags"] = [flag for flag in FLAGS if any(item["flag"] == flag for item in items)]
     context["gallery_classes"] = _gallery_classes(items, class_names)
+    # Review: every class can be a new label (none in regression, which has no classes).
+    context["review_classes"] = [] if regression else class_names
 
     set_aside = run.set_aside
     context["set_aside"] = [
