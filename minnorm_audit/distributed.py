@@ -125,9 +125,9 @@ def merge_pending(
 ) -> None:
     """Replace this rank's recorded dual update by the merged one of the global batch.
 
-    Called after ``backward()`` and before ``optimizer.step()``. The ids of every
-    slice are known on every rank (same permutation), so only the constraint values
-    travel; labels are the targets of the same ids, taken from this rank's record.
+    Called after ``backward()`` and before ``optimizer.step()``. Ids, constraint
+    values and labels are all-gathered (padded to the largest slice, stripped again)
+    and joined in rank order, i.e. in the order of the global batch.
     """
     pending = optimizer.take_pending()
     if not context.enabled:
@@ -136,23 +136,13 @@ def merge_pending(
     if len(pending) != 1:
         raise RuntimeError(f"expected one recorded batch per step in distributed training, got {len(pending)}")
     local = pending[0]
-    slices = torch.tensor_split(global_batch, context.world_size)
-    sizes = [int(part.numel()) for part in slices]
-    longest = max(sizes)
-    values = local.constraint_values
-    padded = values.new_zeros((longest, *values.shape[1:]))
-    padded[: values.shape[0]] = values
-    gathered = [torch.empty_like(padded) for _ in range(context.world_size)]
-    dist.all_gather(gathered, padded)
-    constraint_values = torch.cat([part[:size] for part, size in zip(gathered, sizes)])
-    labels = None
-    if local.labels is not None:
-        labels_padded = local.labels.new_full((longest,), -1)
-        labels_padded[: local.labels.shape[0]] = local.labels
-        gathered_labels = [torch.empty_like(labels_padded) for _ in range(context.world_size)]
-        dist.all_gather(gathered_labels, labels_padded)
-        labels = torch.cat([part[:size] for part, size in zip(gathered_labels, sizes)])
-    example_ids = global_batch.to(local.example_ids.device)
+    sizes = [int(part.numel()) for part in torch.tensor_split(global_batch, context.world_size)]
+    if int(local.example_ids.numel()) != sizes[context.rank]:
+        raise RuntimeError("this rank's recorded batch is not its slice of the global batch")
+    # Everything stays on the device (a host copy per step would stall a GPU's queue).
+    example_ids = gather_rows(local.example_ids, sizes, context)
+    constraint_values = gather_rows(local.constraint_values, sizes, context)
+    labels = None if local.labels is None else gather_rows(local.labels, sizes, context)
     optimizer.restore_pending([PendingDualUpdate(example_ids, constraint_values, labels)])
 
 

@@ -235,8 +235,11 @@ class DeviceBatches:
         return int(self.inputs.shape[0])
 
     def iterate(self, id_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for ids in id_batches:
-            ids = ids.to(self.device)
+        if not id_batches:
+            return
+        # One host-to-device copy per pass: a copy per batch would stall the GPU queue.
+        sizes = [int(ids.numel()) for ids in id_batches]
+        for ids in torch.cat(list(id_batches)).to(self.device).split(sizes):
             yield ids, self.inputs.index_select(0, ids)
 
     def close(self) -> None:

@@ -195,6 +195,8 @@ def fit(
     """
     context, device = distributed.setup(resolve_device(config.device))
     _seed_everything(config.seed, config.deterministic)
+    if device.type == "cuda" and not config.deterministic:
+        torch.backends.cudnn.benchmark = True  # few batch shapes: tuned once each
     num_examples = int(inputs.shape[0])
     model = model.to(device)
     # The whole dataset on the device when it fits (the common case for audits of up

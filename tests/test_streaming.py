@@ -93,6 +93,16 @@ def test_loader_yields_the_ids_of_each_batch_in_order(image_folder):
     source.close()
 
 
+def test_host_tensor_loader_gives_the_same_batches():
+    inputs = torch.arange(40 * 3, dtype=torch.float32).reshape(40, 3)
+    source = LoaderBatches(inputs, torch.device("cpu"), workers=2)
+    assert source.placement == "host"
+    batches = list(torch.randperm(40, generator=torch.Generator().manual_seed(0)).split(7))
+    for wanted, (ids, rows) in zip(batches, source.iterate(batches), strict=True):
+        assert torch.equal(ids, wanted) and torch.equal(rows, inputs[wanted])
+    source.close()
+
+
 def test_streamed_audit_matches_in_memory_audit(image_folder, tmp_path, monkeypatch):
     settings = AuditOptions(image_size=8, train=TrainConfig(epochs=3, batch_size=16, device="cpu", workers=2,
                                                             dual_lr=0.05), gallery_size=5)
