@@ -302,7 +302,8 @@ def clean(run_dir: Path, out: Path, rule: str, decisions: Path | None, quiet: bo
     click.echo(
         f"{counts['rows_written']} examples written to {result.paths['manifest']} "
         f"({counts['kept']} kept, {counts['relabeled']} relabeled); {counts['dropped']} dropped "
-        f"({counts['set_aside']} of them set aside in the run); {counts['by_reviewer']} reviewer decisions, "
+        f"({counts['set_aside']} of them set aside in the run); {counts['by_reviewer']} reviewer "
+        f"decision{'' if counts['by_reviewer'] == 1 else 's'}, "
         f"{counts['by_rule']} changes by the rule {rule}",
         err=True,
     )
