@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -60,6 +60,9 @@ from .report.parquet import (
     write_json_atomic,
     write_parquet_atomic,
 )
+
+if TYPE_CHECKING:
+    from .audit import AuditResult
 
 __all__ = [
     "ACTIONS",
@@ -185,7 +188,7 @@ class CleanResult:
 
 
 def clean(
-    run: Any,
+    run: AuditResult | str | os.PathLike[str],
     out: str | os.PathLike[str],
     *,
     rule: str = "drop-mislabeled",
@@ -362,7 +365,9 @@ def read_decisions(
                 def cell(index: int | None, row: list[str] = row) -> str:
                     return row[index].strip() if index is not None and index < len(row) else ""
 
-                source = cell(columns["source"])
+                raw_source = row[columns["source"]] if columns["source"] < len(row) else ""
+                # Exact first (a file name may end in a space), then as typed with stray spaces.
+                source = raw_source if raw_source in known_sources else raw_source.strip()
                 decision = cell(columns["decision"]).lower()
                 label = cell(label_index)
                 where = f"{shown} line {line}"
