@@ -70,6 +70,8 @@ class AuditOptions:
     flag_fraction: float | None = None
     threshold: float | None = None
     concentration_threshold: float = 0.1
+    # Used with score_state "violation" (the default) instead of concentration_threshold.
+    preference_threshold: float = 0.0
     gallery_size: int = 60
     feature_columns: list[str] | None = None
     data_root: str | Path | None = None
@@ -379,21 +381,37 @@ def score_classification(
     """The examples table of a classification audit."""
     labels = loaded.targets.numpy().astype(np.int64)
     class_count = len(loaded.class_names)
-    multipliers = result.scored_multipliers(settings.train.score_state)
-    per_class = class_mass(multipliers, labels, class_count)
-    difficulty = difficulty_scores(per_class, statistic=settings.statistic)  # type: ignore[arg-type]
-    # Direction of the push is read from the final multipliers: the average keeps the
-    # first epochs, where every class pushes on every example, and blurs it.
-    final_per_class = class_mass(result.final_multipliers, labels, class_count)
-    concentration = label_concentration(final_per_class)
-    competing = suggested_labels(final_per_class, labels)
-    flags, rule = flag_examples(
-        difficulty,
-        concentration,
-        flag_fraction=settings.flag_fraction,
-        threshold=settings.threshold,
-        concentration_threshold=settings.concentration_threshold,
-    )
+    per_class, direction = scored_state(result, labels, class_count, settings.train.score_state)
+    # The total of a violation state is the total positive push (the max skips -inf).
+    summed = direction if settings.train.score_state == "violation" and settings.statistic == "sum" else per_class
+    difficulty = difficulty_scores(summed, statistic=settings.statistic)  # type: ignore[arg-type]
+    concentration = label_concentration(direction)
+    competing = suggested_labels(direction, labels)
+    if settings.train.score_state == "violation":
+        # Difficulty is in logit units here: difficulty - margin is how far, averaged over
+        # training, the network preferred the competing class over the given label. The
+        # cap keeps flipped examples from being memorized, so a preference > 0 is the
+        # network contradicting the label; flagged examples without it are ambiguous.
+        preference = difficulty - settings.train.margin
+        flags, rule = flag_examples(
+            difficulty, preference, flag_fraction=settings.flag_fraction, threshold=settings.threshold,
+            concentration_threshold=settings.preference_threshold, log_scale=False,
+        )
+        rule.pop("concentration_threshold")
+        rule["preference_threshold"] = settings.preference_threshold
+        rule["rule"] = (
+            "flagged when difficulty >= difficulty_threshold and difficulty > 0; mislabeled when "
+            "difficulty - margin >= preference_threshold (the network preferred the suggested "
+            "class over the given label on average over training), else hard"
+        )
+    else:
+        flags, rule = flag_examples(
+            difficulty,
+            concentration,
+            flag_fraction=settings.flag_fraction,
+            threshold=settings.threshold,
+            concentration_threshold=settings.concentration_threshold,
+        )
     suggested = np.where(flags == "mislabeled", competing, labels)
     names = np.asarray(loaded.class_names, dtype=object)
     examples = pd.DataFrame(
@@ -408,10 +426,34 @@ def score_classification(
             "flag": pd.array(flags, dtype="string"),
             "label_concentration": concentration,
             "margin": final_margins(result.final_outputs, labels),
-            "class_multipliers": list(per_class.astype(np.float32)),
+            "class_multipliers": list(class_mass(result.final_multipliers, labels, class_count).astype(np.float32)),
         }
     )
     return examples, rule
+
+
+def scored_state(
+    result: FitResult, labels: np.ndarray, class_count: int, state: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class scores ``(n, K)`` and the per-class push ``(n, K)`` that the suggested
+    label and ``label_concentration`` are read from (both 0 on the own-label column).
+
+    ``"violation"``: the mean violation per competing class (train.SCORE_STATES); the
+    own-label column is set below every competing one so the max ignores it, and the
+    push is its positive part. ``"average"``/``"final"``: multipliers; the push is read
+    from the final multipliers, since the average keeps the first epochs, where every
+    class pushes on every example, and blurs the direction.
+    """
+    rows = np.arange(len(labels))
+    if state == "violation":
+        # Binary single output: class_mass puts its one column on the competing class.
+        violations = class_mass(result.scored_multipliers(state), labels, class_count)
+        violations[rows, labels] = -np.inf
+        push = np.clip(violations, 0.0, None)
+        push[rows, labels] = 0.0
+        return violations, push
+    per_class = class_mass(result.scored_multipliers(state), labels, class_count)
+    return per_class, class_mass(result.final_multipliers, labels, class_count)
 
 
 def score_regression(

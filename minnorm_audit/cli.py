@@ -15,6 +15,7 @@ from . import __version__
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 EXIT_QA_GATE = 3
+EXIT_INTERRUPTED = 130
 
 
 def _training_options(function: Any, *, image_size: int = 32) -> Any:
@@ -29,6 +30,9 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=defaults.optimizer, help="Base optimizer Minnorm wraps."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults.lr, help="Weight learning rate."),
         click.option("--dual-lr", type=click.FloatRange(min=0, min_open=True), default=defaults.dual_lr, help="Multiplier (dual ascent) step size."),
+        click.option("--score-state", type=click.Choice(["violation", "average", "final"]), default=defaults.score_state, help="Which state of the multipliers is scored: the mean violation (dual ascent before projection), the multipliers' mean over epochs, or the final ones (see docs/benchmarks.md)."),
+        click.option("--multiplier-cap", type=click.FloatRange(min=0, min_open=True), default=defaults.multiplier_cap, help="Soft-margin cap: no multiplier exceeds CAP x the 90th percentile of the examples' largest multipliers."),
+        click.option("--no-multiplier-cap", is_flag=True, help="Train the hard-margin problem (no cap)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto"),
         click.option("--seed", type=int, default=0),
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
@@ -72,6 +76,8 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         deterministic=options["deterministic"],
         max_memory_gb=options["max_memory_gb"],
         workers=options["workers"],
+        score_state=options["score_state"],
+        multiplier_cap=None if options["no_multiplier_cap"] else options["multiplier_cap"],
     )
     return AuditOptions(
         model=options["model"],
@@ -110,6 +116,21 @@ def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_outp
     )
     click.echo(f"report: {run_dir / 'report.html'}", err=True)
     click.echo(f"table:  {run_dir / 'examples.parquet'}", err=True)
+
+
+def _interrupted(data: Path, run_dir: Path) -> None:
+    """Ctrl-C: say how to resume (the checkpoint of the last finished epoch is on disk)
+    and exit 130, the shell's code for SIGINT."""
+    import shlex
+
+    from .audit import CHECKPOINT_FILE
+
+    if (run_dir / CHECKPOINT_FILE).is_file():
+        click.echo(f"interrupted; resume with: minnorm-audit run {shlex.quote(str(data))} "
+                   f"--resume {shlex.quote(str(run_dir))}", err=True)
+    else:
+        click.echo("interrupted before the first checkpoint; nothing to resume", err=True)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
@@ -155,19 +176,21 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
                          data_root=data_root)
+    run_dir = resume_dir or out or default_run_dir(data)
     try:
         started = time.perf_counter()
         loaded = load_dataset(data, format=data_format, label_column=label_column, path_column=path_column,
                               task=task, image_size=settings.image_size, data_root=data_root,
                               max_memory_gb=settings.train.max_memory_gb)
         load_seconds = time.perf_counter() - started
-        run_dir = resume_dir or out or default_run_dir(data)
         progress = not options["quiet"] and sys.stderr.isatty()
         result = run_audit(loaded, settings, run_dir, resume=resume_dir is not None, progress=progress,
                            load_seconds=load_seconds)
     except (DataError, TrainingError, ValueError, OSError) as error:
         _fail(error, options["debug"])
         return
+    except KeyboardInterrupt:
+        _interrupted(data, run_dir)
     finally:
         teardown()  # leaves the torchrun process group, if one was joined
     _echo_summary(result.summary, result.run_dir, options["quiet"], options["json_output"])

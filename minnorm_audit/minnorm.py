@@ -100,12 +100,34 @@ def default_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     return selected
 
 
+#: Lowest value one visit adds to the violation sums: an example far inside its margin
+#: at one visit cannot cancel many visits at which it was violated.
+VIOLATION_FLOOR = -5.0
+
+# --------------------------------------------------------------------------- multiplier stores
+
+StoreChoice = Literal["auto", "dense", "compact"]
+
+#: Default memory budget for everything the trainer keeps per example (bytes).
+DEFAULT_MEMORY_BUDGET_BYTES = 1_000_000_000
+#: Most slots per example the compact store uses when ``slots`` is not given.
+DEFAULT_MAX_SLOTS = 64
+# Rows handled at once when a whole-store pass (densify, argmax, change) needs temporaries.
+_CHUNK_ROWS = 1 << 15
+
+
 class DenseMultiplierStore:
     """All multipliers in one ``(num_examples, width)`` tensor on the training device.
 
     For the margin form ``width`` is the number of outputs (the column of an example's
-    own label is kept at zero), for the equality form the number of targets.
+    own label is kept at zero), for the equality form the number of targets. Next to
+    the current multipliers it keeps their running mean over epochs (the "average"
+    score state, :meth:`accumulate_average`) and, once :meth:`snapshot` was called, a
+    copy for the epoch-to-epoch change of :meth:`Minnorm.diagnostics`.
     """
+
+    kind = "dense"
+    slots: int | None = None
 
     def __init__(
         self,
@@ -116,6 +138,15 @@ class DenseMultiplierStore:
         dtype: torch.dtype = torch.float32,
     ) -> None:
         self.values = torch.zeros(num_examples, width, device=device, dtype=dtype)
+        self.average = torch.zeros_like(self.values)
+        self.previous: torch.Tensor | None = None
+        # Bumped by every scatter: a batch gathered at the same version is still current.
+        self.version = 0
+
+    @staticmethod
+    def bytes_per_example(width: int, dtype: torch.dtype = torch.float32) -> int:
+        """Values, running average and the diagnostics snapshot."""
+        return 3 * width * _itemsize(dtype)
 
     @property
     def num_examples(self) -> int:
@@ -125,23 +156,367 @@ class DenseMultiplierStore:
     def width(self) -> int:
         return self.values.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def nbytes(self) -> int:
+        """Bytes held now (the snapshot counts once it exists)."""
+        tensors = [self.values, self.average] + ([self.previous] if self.previous is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def gather(self, example_ids: torch.Tensor) -> torch.Tensor:
         return self.values.index_select(0, example_ids)
 
     def scatter(self, example_ids: torch.Tensor, values: torch.Tensor) -> None:
-        self.values.index_copy_(0, example_ids, values.to(self.values.dtype))
+        self.values.index_copy_(0, example_ids, _as_dtype(values, self.values.dtype))
+        self.version += 1
 
     def dense(self) -> torch.Tensor:
         return self.values
 
+    def dense_average(self) -> torch.Tensor:
+        return self.average
+
+    def accumulate_average(self, keep: float, add: float) -> None:
+        """``average <- keep * average + add * values``."""
+        self.average.mul_(keep).add_(self.values, alpha=add)
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.values).all()) and bool(torch.isfinite(self.average).all())
+
+    def row_max(self) -> torch.Tensor:
+        return self.values.amax(dim=1)
+
+    def snapshot(self) -> None:
+        if self.previous is None:
+            self.previous = self.values.detach().float().clone()
+        else:
+            self.previous.copy_(self.values)
+
+    def change_since_snapshot(self) -> tuple[float, float] | None:
+        """``(||values - snapshot||, ||snapshot||)``, None before the first snapshot."""
+        if self.previous is None:
+            return None
+        current = self.values.detach().float()
+        return float((current - self.previous).norm()), float(self.previous.norm())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "multipliers": self.values, "average": self.average, "previous": self.previous}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.values.copy_(state["multipliers"].to(self.device))
+            if state.get("average") is not None:
+                self.average.copy_(state["average"].to(self.device))
+            previous = state.get("previous")
+            self.previous = None if previous is None else previous.to(self.device, torch.float32).clone()
+        self.version += 1
+
+
+class CompactMultiplierStore:
+    """The ``slots`` most important competing classes of each example (margin form).
+
+    Memory: per example and slot a class index (int16, or int32 beyond 32,767
+    classes), the current multiplier, its running mean over epochs and, for the
+    diagnostics, the previous epoch's class and value: 16 bytes per slot in float32,
+    against ``12 * num_classes`` bytes per example for the dense store.
+
+    How it keeps the method's meaning. The weight step and the dual step see a batch
+    exactly as the dense store would: :meth:`gather` expands the slots into a dense
+    ``(batch, width)`` block (classes without a slot hold 0), Minnorm computes the
+    augmented-Lagrangian multipliers and the projected dual ascent on that block, and
+    :meth:`scatter` keeps, per example, the ``slots`` classes with the largest
+    ``max(new multiplier, running mean)``; the others are set to zero.
+
+    The approximation, stated. Nothing changes as long as at most ``slots`` competing
+    classes of an example have ever had a positive multiplier (a class whose
+    multiplier went back to zero keeps its slot while its running mean is positive):
+    then every multiplier, every running mean and every score equals the dense
+    store's (``tests/test_store.py`` checks it to the bit). When more classes compete,
+    the weakest are dropped: their multiplier restarts from zero (the proportional
+    ``damping * violation`` term of the weight step still pushes on them at once, only
+    their integrated memory is lost), and a class that comes back starts a new running
+    mean. The score (largest competing multiplier, or its mean over epochs) and the
+    suggested label are read from the strongest classes, which are exactly the ones
+    kept, so they move little; ``tests/test_store.py`` bounds the effect on digits with
+    2 of 9 competing classes kept.
+    """
+
+    kind = "compact"
+
+    def __init__(
+        self,
+        num_examples: int,
+        width: int,
+        *,
+        slots: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if width < 3:
+            raise ValueError("the compact store needs at least 3 classes (2 competing per example)")
+        if not 1 <= slots < width:
+            raise ValueError(f"slots must lie in [1, {width - 1}] for {width} classes, got {slots}")
+        self.width = int(width)
+        self.slots = int(slots)
+        # Class ``width`` marks an empty slot: it lands in a spare column when expanded.
+        self.classes = torch.full(
+            (num_examples, slots), width, device=device, dtype=_class_index_dtype(width)
+        )
+        self.values = torch.zeros(num_examples, slots, device=device, dtype=dtype)
+        self.average = torch.zeros_like(self.values)
+        self.previous_classes: torch.Tensor | None = None
+        self.previous_values: torch.Tensor | None = None
+        self.version = 0
+
+    @staticmethod
+    def bytes_per_example(width: int, slots: int, dtype: torch.dtype = torch.float32) -> int:
+        """Classes, values, running average, and the snapshot's classes and values."""
+        return slots * (2 * _class_index_dtype(width).itemsize + 3 * _itemsize(dtype))
+
+    @property
+    def num_examples(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    def nbytes(self) -> int:
+        tensors = [self.classes, self.values, self.average]
+        if self.previous_classes is not None and self.previous_values is not None:
+            tensors += [self.previous_classes, self.previous_values]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _expand(self, classes: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Slots ``(rows, slots)`` -> dense ``(rows, width)``; empty slots fall in a spare column."""
+        dense = values.new_zeros(values.shape[0], self.width + 1)
+        dense.scatter_(1, classes.long(), values)
+        return dense[:, : self.width]
+
+    def gather(self, example_ids: torch.Tensor) -> torch.Tensor:
+        return self._expand(self.classes.index_select(0, example_ids), self.values.index_select(0, example_ids))
+
+    def scatter(self, example_ids: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the ``slots`` classes of largest ``max(values, running mean)`` per example."""
+        values = values.to(self.values.dtype)
+        classes = self.classes.index_select(0, example_ids)
+        average = self._expand(classes, self.average.index_select(0, example_ids))
+        key = torch.maximum(values, average)
+        top_key, top_classes = key.topk(self.slots, dim=1, sorted=False)
+        empty = top_key == 0  # NaN stays: check_finite must see it
+        self.classes.index_copy_(0, example_ids, top_classes.masked_fill(empty, self.width).to(self.classes.dtype))
+        self.values.index_copy_(0, example_ids, values.gather(1, top_classes).masked_fill_(empty, 0.0))
+        self.average.index_copy_(0, example_ids, average.gather(1, top_classes).masked_fill_(empty, 0.0))
+        self.version += 1
+
+    def _dense_of(self, slot_values: torch.Tensor) -> torch.Tensor:
+        dense = slot_values.new_zeros(self.num_examples, self.width)
+        for start in range(0, self.num_examples, _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            dense[rows] = self._expand(self.classes[rows], slot_values[rows])
+        return dense
+
+    def dense(self) -> torch.Tensor:
+        """A new ``(num_examples, width)`` tensor: as large as the dense store."""
+        return self._dense_of(self.values)
+
+    def dense_average(self) -> torch.Tensor:
+        return self._dense_of(self.average)
+
+    def accumulate_average(self, keep: float, add: float) -> None:
+        # Slot by slot: a slot holds one class's value and mean, so this is the dense update.
+        self.average.mul_(keep).add_(self.values, alpha=add)
+
+    def all_finite(self) -> bool:
+        return bool(torch.isfinite(self.values).all()) and bool(torch.isfinite(self.average).all())
+
+    def row_max(self) -> torch.Tensor:
+        """Largest multiplier per example (empty slots hold 0, multipliers are >= 0)."""
+        return self.values.amax(dim=1)
+
+    def row_argmax(self, slot_values: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(max, class)`` per example; ties go to the smallest class, as ``argmax`` on
+        the dense matrix does."""
+        slot_values = self.values if slot_values is None else slot_values
+        maxima = torch.empty(self.num_examples, dtype=slot_values.dtype, device=self.device)
+        classes = torch.empty(self.num_examples, dtype=torch.long, device=self.device)
+        for start in range(0, self.num_examples, _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            values = slot_values[rows]
+            best = values.amax(dim=1, keepdim=True)
+            candidates = self.classes[rows].long().masked_fill(values != best, self.width)
+            maxima[rows] = best[:, 0]
+            classes[rows] = candidates.amin(dim=1)
+        return maxima, classes
+
+    def snapshot(self) -> None:
+        if self.previous_classes is None or self.previous_values is None:
+            self.previous_classes = self.classes.clone()
+            self.previous_values = self.values.detach().float().clone()
+        else:
+            self.previous_classes.copy_(self.classes)
+            self.previous_values.copy_(self.values)
+
+    def change_since_snapshot(self) -> tuple[float, float] | None:
+        """``(||values - snapshot||, ||snapshot||)`` of the dense matrices, in chunks."""
+        if self.previous_classes is None or self.previous_values is None:
+            return None
+        change = previous = 0.0
+        for start in range(0, self.num_examples, _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            now = self._expand(self.classes[rows], self.values[rows].float())
+            before = self._expand(self.previous_classes[rows], self.previous_values[rows])
+            change += float((now - before).double().pow(2).sum())
+            previous += float(self.previous_values[rows].double().pow(2).sum())
+        return math.sqrt(change), math.sqrt(previous)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "slots": self.slots,
+            "classes": self.classes,
+            "values": self.values,
+            "average": self.average,
+            "previous_classes": self.previous_classes,
+            "previous_values": self.previous_values,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.classes.copy_(state["classes"].to(self.device))
+            self.values.copy_(state["values"].to(self.device))
+            self.average.copy_(state["average"].to(self.device))
+            if state.get("previous_classes") is None or state.get("previous_values") is None:
+                self.previous_classes = self.previous_values = None
+            else:
+                self.previous_classes = state["previous_classes"].to(self.device, self.classes.dtype).clone()
+                self.previous_values = state["previous_values"].to(self.device, torch.float32).clone()
+        self.version += 1
+
+
+MultiplierStore = DenseMultiplierStore | CompactMultiplierStore
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the dispatch when it is already ``dtype``."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _class_index_dtype(width: int) -> torch.dtype:
+    # Indices run to ``width`` (the empty-slot marker).
+    return torch.int16 if width < 2**15 - 1 else torch.int32
+
+
+def per_example_overhead_bytes(dtype: torch.dtype = torch.float32) -> int:
+    """What Minnorm keeps per example besides the store: the latest violation, the
+    label (int64) and the current and previous difficulty scores (float64)."""
+    return _itemsize(dtype) + 8 + 16
+
+
+def state_bytes(
+    num_examples: int,
+    num_outputs: int,
+    *,
+    store: Literal["dense", "compact"],
+    slots: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> int:
+    """Bytes of all per-example training state for a store (see :func:`choose_store`)."""
+    if store == "dense":
+        per_example = DenseMultiplierStore.bytes_per_example(num_outputs, dtype)
+    else:
+        if slots is None:
+            raise ValueError("the compact store needs a slot count")
+        per_example = CompactMultiplierStore.bytes_per_example(num_outputs, slots, dtype)
+    return num_examples * (per_example + per_example_overhead_bytes(dtype))
+
+
+def choose_store(
+    num_examples: int,
+    num_outputs: int,
+    *,
+    form: ConstraintForm = "margin",
+    store: StoreChoice = "auto",
+    slots: int | None = None,
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Literal["dense", "compact"], int | None]:
+    """Pick the multiplier store and its slot count.
+
+    ``"auto"``: dense when all per-example state (:func:`state_bytes`) fits
+    ``memory_budget_bytes``, else compact (margin form with 3 or more classes only; the
+    equality and binary forms stay dense, at most ``12 * width + 28`` bytes per
+    example). Compact without ``slots``: ``min(num_outputs - 1, DEFAULT_MAX_SLOTS)``
+    slots, fewer if that would not fit the budget.
+
+    Returns
+    -------
+    (kind, slots)
+        ``("dense", None)`` or ``("compact", slots)``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown choice, a compact store the problem cannot use, or a budget
+        that cannot hold even one slot per example.
+    """
+    if store not in ("auto", "dense", "compact"):
+        raise ValueError(f"multiplier store must be 'auto', 'dense' or 'compact', got {store!r}")
+    compact_possible = form == "margin" and num_outputs >= 3
+    if store == "dense" or (
+        store == "auto"
+        and (
+            not compact_possible
+            or state_bytes(num_examples, num_outputs, store="dense", dtype=dtype) <= memory_budget_bytes
+        )
+    ):
+        return "dense", None
+    if not compact_possible:
+        raise ValueError("the compact multiplier store needs the margin form with 3 or more classes")
+    if slots is not None:
+        if not 1 <= slots < num_outputs:
+            raise ValueError(f"multiplier slots must lie in [1, {num_outputs - 1}], got {slots}")
+        return "compact", int(slots)
+    per_slot = CompactMultiplierStore.bytes_per_example(num_outputs, 1, dtype)
+    room = memory_budget_bytes // max(num_examples, 1) - per_example_overhead_bytes(dtype)
+    slots = min(num_outputs - 1, DEFAULT_MAX_SLOTS, room // per_slot)
+    if slots < 1:
+        raise ValueError(
+            f"a memory budget of {memory_budget_bytes / 1e9:.3g} GB cannot hold one multiplier slot for "
+            f"each of {num_examples:,} examples; raise the budget"
+        )
+    return "compact", int(slots)
+
 
 @dataclass
 class PendingDualUpdate:
-    """Constraint values of one forward pass, applied to the multipliers by ``step()``."""
+    """Constraint values of one forward pass, applied to the multipliers by ``step()``.
+
+    ``multipliers`` is the batch's multipliers as read by ``lagrangian()`` and
+    ``store_version`` the store's version then: ``step()`` reuses them instead of
+    reading again when no update came in between. Updates built elsewhere (merged
+    across ranks) leave them out and are read afresh.
+    """
 
     example_ids: torch.Tensor
     constraint_values: torch.Tensor
     labels: torch.Tensor | None
+    multipliers: torch.Tensor | None = None
+    store_version: int | None = None
 
 
 class Minnorm(torch.optim.Optimizer):
@@ -180,6 +555,23 @@ class Minnorm(torch.optim.Optimizer):
         An example counts as fitted when its largest violation is at most this.
     multiplier_dtype : torch.dtype, default=torch.float32
         float64 for closed-form checks.
+    multiplier_store : {"auto", "dense", "compact"}, default="auto"
+        :class:`DenseMultiplierStore` or :class:`CompactMultiplierStore`; ``"auto"``
+        takes the dense one when all per-example state fits ``memory_budget_bytes``
+        (see :func:`choose_store`).
+    multiplier_slots : int, optional
+        Slots per example of the compact store (default: up to 64, within the budget).
+    memory_budget_bytes : int, default=1_000_000_000
+        Budget for everything kept per example (multipliers, their running mean, the
+        diagnostics' snapshot and scores, violations, labels).
+    max_multiplier : float, optional
+        Upper bound ``C`` on every ``lambda_ij`` (margin form): the soft-margin problem,
+        whose dual is the box ``0 <= lambda <= C`` as in a C-SVM. An example that would
+        need more force than ``C`` is no longer pushed harder and is not memorized;
+        ``train.fit`` sets it each epoch (see ``TrainConfig.multiplier_cap``). Settable
+        as the attribute ``max_multiplier``. None (default): the hard-margin problem.
+    track_violations : bool, default=False
+        Keep the per-class sum of ``-g`` over visits (:meth:`mean_violations`).
     """
 
     def __init__(
@@ -198,6 +590,11 @@ class Minnorm(torch.optim.Optimizer):
         device: torch.device | str | None = None,
         fitted_tolerance: float = 1e-3,
         multiplier_dtype: torch.dtype = torch.float32,
+        multiplier_store: StoreChoice = "auto",
+        multiplier_slots: int | None = None,
+        memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+        max_multiplier: float | None = None,
+        track_violations: bool = False,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer instance")
@@ -237,9 +634,18 @@ class Minnorm(torch.optim.Optimizer):
         self.damping = float(damping)
         self.dataset_fingerprint = str(dataset_fingerprint)
         self.fitted_tolerance = float(fitted_tolerance)
-        self.multipliers = DenseMultiplierStore(
-            num_examples, num_outputs, device=device, dtype=multiplier_dtype
+        kind, slots = choose_store(
+            num_examples, num_outputs, form=form, store=multiplier_store, slots=multiplier_slots,
+            memory_budget_bytes=memory_budget_bytes, dtype=multiplier_dtype,
         )
+        self.multipliers: MultiplierStore
+        if kind == "dense":
+            self.multipliers = DenseMultiplierStore(num_examples, num_outputs, device=device, dtype=multiplier_dtype)
+        else:
+            assert slots is not None
+            self.multipliers = CompactMultiplierStore(
+                num_examples, num_outputs, slots=slots, device=device, dtype=multiplier_dtype
+            )
         # Largest violation seen at each example's latest visit; NaN until first visit.
         self.last_violation = torch.full(
             (num_examples,), float("nan"), device=device, dtype=multiplier_dtype
@@ -247,9 +653,19 @@ class Minnorm(torch.optim.Optimizer):
         self.labels = torch.full((num_examples,), -1, dtype=torch.long, device=device)
         self._pending: list[PendingDualUpdate] = []
         self._pending_batch_size = 0
-        self._previous_multipliers: torch.Tensor | None = None
         self._previous_scores: np.ndarray | None = None
         self.dual_steps = 0
+        self.average_epochs = 0
+        # Box constraint 0 <= lambda <= max_multiplier (soft margin); None = hard margin.
+        self.max_multiplier = None if max_multiplier is None else float(max_multiplier)
+        # The dual ascent before projection, per example and class: the sum over visits
+        # of -g (floored, see VIOLATION_FLOOR) and the visit count. Its mean is the
+        # "violation" score state of train.fit; it costs one more (n, width) table.
+        self.violation_sums: torch.Tensor | None = None
+        self.visits: torch.Tensor | None = None
+        if track_violations:
+            self.violation_sums = torch.zeros(num_examples, num_outputs, device=device, dtype=torch.float32)
+            self.visits = torch.zeros(num_examples, device=device, dtype=torch.int32)
 
     # ------------------------------------------------------------------ constraints
     @property
@@ -258,7 +674,7 @@ class Minnorm(torch.optim.Optimizer):
 
     @property
     def device(self) -> torch.device:
-        return self.multipliers.values.device
+        return self.last_violation.device
 
     def constraint_values(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``g`` for a batch, shape ``(batch, num_outputs)``, in float32 or wider.
@@ -267,18 +683,25 @@ class Minnorm(torch.optim.Optimizer):
         ignored); binary single-output form: ``s * f - margin``. Equality form:
         ``t - f``.
         """
+        outputs = self._promoted_outputs(outputs)
+        if self.form == "equality":
+            targets = targets.to(outputs.dtype).reshape(outputs.shape)
+            return targets - outputs
+        return self._margin_values(outputs, targets.long().reshape(-1))
+
+    def _promoted_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
         # Half-precision outputs (autocast) are promoted; float64 stays float64.
-        outputs = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
+        if outputs.dtype not in (torch.float32, torch.float64):
+            outputs = outputs.to(torch.promote_types(outputs.dtype, torch.float32))
         if outputs.ndim == 1:
             outputs = outputs.unsqueeze(1)
         if outputs.shape[1] != self.num_outputs:
             raise ValueError(
                 f"the network has {outputs.shape[1]} outputs but Minnorm was built for {self.num_outputs}"
             )
-        if self.form == "equality":
-            targets = targets.to(outputs.dtype).reshape(outputs.shape)
-            return targets - outputs
-        labels = targets.long().reshape(-1)
+        return outputs
+
+    def _margin_values(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.num_outputs == 1:
             if labels.device.type == "cpu" and bool(((labels != 0) & (labels != 1)).any()):
                 raise ValueError("the binary (single-output) margin form needs labels 0 or 1")
@@ -325,21 +748,73 @@ class Minnorm(torch.optim.Optimizer):
         -------
         Tensor
             Scalar: ``+sum mu_eff . g`` (equality) or ``-sum lambda_eff * g`` (margin).
+
+        Notes
+        -----
+        The term is linear in the outputs once the multipliers are fixed, so it is
+        built as ``outputs . C + constant`` with ``C = d term / d outputs`` computed
+        without autograd: the gradient reaching the network is the one autograd gives
+        for ``-sum lambda_eff * g`` (bit for bit: ``-lambda_eff`` on competing
+        columns, the row sum on the own-label column), at two autograd nodes instead
+        of seven.
         """
-        example_ids = example_ids.to(self.device, torch.long).reshape(-1)
-        # The range check reads values back, a sync on a GPU: done on the CPU only.
-        if example_ids.device.type == "cpu" and example_ids.numel() and (
-            int(example_ids.min()) < 0 or int(example_ids.max()) >= self.num_examples
-        ):
-            raise IndexError(f"example ids must lie in [0, {self.num_examples})")
-        constraint_values = self.constraint_values(outputs, targets)
-        labels = None if self.form == "equality" else targets.long().reshape(-1).to(self.device)
-        detached = constraint_values.detach()
-        effective = self.effective_multipliers(self.multipliers.gather(example_ids), detached, labels)
-        self._pending.append(PendingDualUpdate(example_ids, detached, labels))
+        # Plain attribute checks first: a no-op ``.to()`` still costs a dispatch per step.
+        if example_ids.dtype != torch.long or example_ids.device != self.device:
+            example_ids = example_ids.to(self.device, torch.long)
+        if example_ids.ndim != 1:
+            example_ids = example_ids.reshape(-1)
+        outputs = self._promoted_outputs(outputs)
+        detached = outputs.detach()
+        store = self.multipliers
+        try:
+            multipliers = store.gather(example_ids)
+        except IndexError:  # index_select checks the range (on a GPU: a device-side assert)
+            raise IndexError(f"example ids must lie in [0, {self.num_examples})") from None
+        # Same arithmetic (and rounding) as ``multipliers -/+ damping * g`` in the wider
+        # dtype. Every tensor here is detached: no graph is built.
+        work_dtype = multipliers.dtype
+        if work_dtype != outputs.dtype:
+            work_dtype = torch.promote_types(work_dtype, outputs.dtype)
+        labels: torch.Tensor | None
+        if self.form == "equality":
+            labels = None
+            target_values = targets.to(outputs.dtype).reshape(outputs.shape)
+            constraint_values = target_values - detached
+            effective = _as_dtype(constraint_values * self.damping, work_dtype)
+            torch.add(_as_dtype(multipliers, work_dtype), effective, out=effective)
+            coefficients = effective.neg()  # d(sum mu_eff . (t - f)) / d f
+            constant = (effective * target_values).sum()
+            constant_scale = 1.0
+        else:
+            labels = targets
+            if labels.dtype != torch.long or labels.device != self.device:
+                labels = labels.to(self.device, torch.long)
+            if labels.ndim != 1:
+                labels = labels.reshape(-1)
+            constraint_values = self._margin_values(detached, labels)
+            effective = _as_dtype(constraint_values * self.damping, work_dtype)
+            torch.sub(_as_dtype(multipliers, work_dtype), effective, out=effective)
+            effective.relu_()
+            if self.num_outputs == 1:
+                # -sum lambda_eff (s f - m): d/df = -lambda_eff * s.
+                signs = labels.unsqueeze(1).to(work_dtype).mul_(2).sub_(1)
+                coefficients = effective.neg().mul_(signs)
+                constant = effective.sum()
+                constant_scale = self.margin
+            else:
+                # -sum_j lambda_eff_j (f_y - f_j - m): d/df_j = lambda_eff_j, d/df_y = -sum_j lambda_eff_j.
+                own = labels.unsqueeze(1)
+                coefficients = effective.scatter_(1, own, 0.0)
+                row_sums = coefficients.sum(dim=1, keepdim=True).neg_()
+                coefficients.scatter_(1, own, row_sums)
+                constant = row_sums.sum()
+                constant_scale = -self.margin
+        self._pending.append(
+            PendingDualUpdate(example_ids, constraint_values, labels, multipliers, store.version)
+        )
         self._pending_batch_size += int(example_ids.numel())
-        term = (effective.to(constraint_values.dtype) * constraint_values).sum()
-        return term if self.form == "equality" else -term
+        term = torch.dot(outputs.reshape(-1), _as_dtype(coefficients, outputs.dtype).reshape(-1))
+        return torch.add(term, _as_dtype(constant, outputs.dtype), alpha=constant_scale)
 
     # ------------------------------------------------------------------ stepping
     def norm_value(self) -> float:
@@ -350,13 +825,13 @@ class Minnorm(torch.optim.Optimizer):
             )
 
     def _add_norm_gradient(self, scale: float) -> None:
+        # Called from step(), under no_grad; .grad tensors never require grad.
         parameters = [p for p in self.norm_parameters if p.requires_grad]
-        with torch.no_grad():
-            for parameter in parameters:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-            if parameters:
-                torch._foreach_add_([p.grad for p in parameters], parameters, alpha=scale)
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        if parameters:
+            torch._foreach_add_([p.grad for p in parameters], parameters, alpha=scale)
 
     def _norm_scale(self) -> float:
         # With no recorded batch (a step without lagrangian) the norm counts in full.
@@ -367,22 +842,48 @@ class Minnorm(torch.optim.Optimizer):
     def apply_dual_updates(self, pending: list[PendingDualUpdate]) -> None:
         """Projected dual ascent for recorded constraint values (all ranks call it
         with the same merged list in distributed training)."""
-        with torch.no_grad():
-            for update in pending:
-                ids = update.example_ids
-                g = update.constraint_values
-                current = self.multipliers.gather(ids)
-                if self.form == "equality":
-                    updated = current + self.dual_lr * g
-                    violation = g.abs().amax(dim=1)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.apply_dual_updates(pending)
+        store = self.multipliers
+        for update in pending:
+            ids = update.example_ids
+            g = update.constraint_values
+            if update.multipliers is not None and update.store_version == store.version:
+                current = update.multipliers  # read by lagrangian(); nothing changed since
+            else:
+                current = store.gather(ids)
+            if self.form == "equality":
+                updated = current + self.dual_lr * g
+                violation = g.abs().amax(dim=1)
+            else:
+                # relu(current - dual_lr * g), own-label column 0 (same rounding as
+                # the plain expression, without the temporaries).
+                updated = g * self.dual_lr
+                if current.dtype != updated.dtype:
+                    work_dtype = torch.promote_types(current.dtype, updated.dtype)
+                    updated, current = updated.to(work_dtype), current.to(work_dtype)
+                torch.sub(current, updated, out=updated).relu_()
+                if self.max_multiplier is not None:
+                    updated.clamp_(max=self.max_multiplier)
+                # Largest violation max(0, max_j -g_ij) over competing classes: the
+                # own-label column set to 0 stands in for the max with 0.
+                violation = g.neg()
+                if self.num_outputs > 1:
+                    own = update.labels.unsqueeze(1)
+                    updated.scatter_(1, own, 0.0)
+                    violation.scatter_(1, own, 0.0)
+                    violation = violation.amax(dim=1)
                 else:
-                    mask = self._competing_mask(update.labels)
-                    updated = torch.relu(current - self.dual_lr * g) * mask
-                    violation = (torch.relu(-g) * mask).amax(dim=1)
-                    self.labels.index_copy_(0, ids, update.labels)
-                self.multipliers.scatter(ids, updated)
-                self.last_violation.index_copy_(0, ids, violation)
-            self.dual_steps += 1
+                    violation = violation.relu_().amax(dim=1)
+                self.labels.index_copy_(0, ids, update.labels)
+            store.scatter(ids, updated)
+            self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
+            if self.violation_sums is not None and self.visits is not None:
+                signed = g if self.form == "equality" else g.neg()
+                self.violation_sums.index_add_(0, ids, signed.float().clamp(min=VIOLATION_FLOOR))
+                self.visits.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+        self.dual_steps += 1
 
     def take_pending(self) -> list[PendingDualUpdate]:
         """Hand over (and clear) the constraint values recorded since the last step."""
@@ -421,19 +922,63 @@ class Minnorm(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    # ------------------------------------------------------------------ running mean
+    def accumulate_average(self) -> None:
+        """Fold the current multipliers into their running mean over epochs (call once
+        per epoch; the mean is the "average" score state of ``train.fit``)."""
+        count = self.average_epochs
+        with torch.no_grad():
+            self.multipliers.accumulate_average(count / (count + 1), 1 / (count + 1))
+        self.average_epochs = count + 1
+
     # ------------------------------------------------------------------ outputs
     def dense_multipliers(self) -> torch.Tensor:
-        """The multipliers as an ``(num_examples, num_outputs)`` tensor."""
+        """The multipliers as an ``(num_examples, num_outputs)`` tensor (a new tensor of
+        that full size for the compact store)."""
         return self.multipliers.dense()
+
+    def dense_average_multipliers(self) -> torch.Tensor:
+        """The running mean over epochs (:meth:`accumulate_average`), ``(num_examples, num_outputs)``."""
+        return self.multipliers.dense_average()
+
+    def mean_violations(self) -> torch.Tensor:
+        """Mean over each example's visits of ``-g`` per class (margin form; ``g`` in
+        the equality form), each visit floored at ``VIOLATION_FLOOR``: the dual ascent
+        before the projection onto ``[0, max_multiplier]``, per step of ``dual_lr``.
+        Needs ``track_violations=True``."""
+        if self.violation_sums is None or self.visits is None:
+            raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
+        return self.violation_sums / self.visits.clamp(min=1).unsqueeze(1).float()
+
+    def multipliers_finite(self) -> bool:
+        """True when no multiplier (nor its running mean) is NaN or inf."""
+        return self.multipliers.all_finite()
+
+    def state_nbytes(self) -> int:
+        """Bytes of per-example state held now: the store, violations, labels and the
+        previous scores."""
+        scores = 0 if self._previous_scores is None else self._previous_scores.nbytes
+        return (
+            self.multipliers.nbytes()
+            + self.last_violation.numel() * self.last_violation.element_size()
+            + self.labels.numel() * self.labels.element_size()
+            + scores
+        )
 
     def difficulty(self) -> np.ndarray:
         """Per-example difficulty (higher = more suspect), see :func:`scores.difficulty_scores`."""
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            # max over competing classes: the slots hold every nonzero multiplier.
+            return self.multipliers.row_max().detach().cpu().numpy().astype(np.float64)
         from .scores import difficulty_scores
 
         return difficulty_scores(self.dense_multipliers().detach().cpu().numpy(), form=self.form)
 
     def suggested_labels(self) -> np.ndarray:
         """The class the multipliers push each example toward (margin form)."""
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            maxima, classes = self.multipliers.row_argmax()
+            return torch.where(maxima > 0, classes, self.labels).cpu().numpy()
         from .scores import suggested_labels
 
         return suggested_labels(
@@ -453,22 +998,21 @@ class Minnorm(torch.optim.Optimizer):
             of the difficulty scores with those of the previous call;
             ``norm``: ``R(W)``.
         """
-        current = self.dense_multipliers().detach().float()
         violation = self.last_violation
         visited = ~torch.isnan(violation)
         max_violation = float(violation[visited].max()) if bool(visited.any()) else float("nan")
         fraction_fitted = float((violation <= self.fitted_tolerance).float().mean())
-        if self._previous_multipliers is None:
+        change_and_norm = self.multipliers.change_since_snapshot()
+        if change_and_norm is None:
             multiplier_change = float("nan")
         else:
-            previous_norm = float(self._previous_multipliers.norm())
-            change = float((current - self._previous_multipliers).norm())
+            change, previous_norm = change_and_norm
             multiplier_change = change / previous_norm if previous_norm > 0 else float("inf") if change > 0 else 0.0
         scores = self.difficulty()
         rank_stability = (
             float("nan") if self._previous_scores is None else spearman(scores, self._previous_scores)
         )
-        self._previous_multipliers = current.clone()
+        self.multipliers.snapshot()
         self._previous_scores = scores
         return {
             "max_violation": max_violation,
@@ -481,7 +1025,11 @@ class Minnorm(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
         """``{"base": base_optimizer.state_dict(), "minnorm": {...}}``; tensors and plain
-        values only, so it loads with ``torch.load(weights_only=True)``."""
+        values only, so it loads with ``torch.load(weights_only=True)``.
+
+        Like ``torch.optim``'s, the tensors are the live ones (no copy: the compact
+        store exists to keep memory down); save them before training on, or clone.
+        """
         return {
             "base": self.base_optimizer.state_dict(),
             "minnorm": {
@@ -492,10 +1040,15 @@ class Minnorm(torch.optim.Optimizer):
                 "dual_lr": self.dual_lr,
                 "damping": self.damping,
                 "dataset_fingerprint": self.dataset_fingerprint,
-                "multipliers": self.dense_multipliers().detach().clone(),
-                "last_violation": self.last_violation.clone(),
-                "labels": self.labels.clone(),
+                "store": self.multipliers.state_dict(),
+                "last_violation": self.last_violation,
+                "labels": self.labels,
                 "dual_steps": self.dual_steps,
+                "average_epochs": self.average_epochs,
+                "max_multiplier": self.max_multiplier,
+                "violation_sums": self.violation_sums,
+                "visits": self.visits,
+                "previous_scores": None if self._previous_scores is None else torch.from_numpy(self._previous_scores),
             },
         }
 
@@ -516,6 +1069,14 @@ class Minnorm(torch.optim.Optimizer):
                     f"saved Minnorm state has {key}={saved[key]!r} but this run has {mine!r}: "
                     "it belongs to another dataset or problem"
                 )
+        store_state = saved.get("store") or {"kind": "dense", "multipliers": saved["multipliers"]}
+        saved_store = (store_state["kind"], store_state.get("slots"))
+        if saved_store != (self.multipliers.kind, self.multipliers.slots):
+            raise StateMismatchError(
+                f"saved Minnorm state uses the {_describe_store(*saved_store)} but this run the "
+                f"{_describe_store(self.multipliers.kind, self.multipliers.slots)}: choose the same "
+                "multiplier store (and slots) to resume"
+            )
         self.base_optimizer.load_state_dict(state_dict["base"])
         # load_state_dict of the base rebuilds its param_groups list; share it again.
         self.param_groups = self.base_optimizer.param_groups
@@ -523,12 +1084,26 @@ class Minnorm(torch.optim.Optimizer):
         self.margin = float(saved["margin"])
         self.dual_lr = float(saved["dual_lr"])
         self.damping = float(saved["damping"])
+        self.multipliers.load_state_dict(store_state)
         with torch.no_grad():
-            self.multipliers.values.copy_(saved["multipliers"].to(self.device))
             self.last_violation.copy_(saved["last_violation"].to(self.device))
             self.labels.copy_(saved["labels"].to(self.device))
         self.dual_steps = int(saved["dual_steps"])
+        self.average_epochs = int(saved.get("average_epochs", 0))
+        self.max_multiplier = saved.get("max_multiplier", self.max_multiplier)
+        if self.violation_sums is not None and self.visits is not None:
+            if saved.get("violation_sums") is None:
+                raise StateMismatchError("saved Minnorm state did not track violations but this run does")
+            with torch.no_grad():
+                self.violation_sums.copy_(saved["violation_sums"].to(self.device))
+                self.visits.copy_(saved["visits"].to(self.device))
+        previous_scores = saved.get("previous_scores")
+        self._previous_scores = None if previous_scores is None else previous_scores.numpy().copy()
         self._pending, self._pending_batch_size = [], 0
+
+
+def _describe_store(kind: str, slots: int | None) -> str:
+    return f"compact multiplier store ({slots} slots)" if kind == "compact" else "dense multiplier store"
 
 
 def spearman(first: np.ndarray, second: np.ndarray) -> float:

@@ -113,16 +113,27 @@ def percentile_ranks(scores: np.ndarray) -> np.ndarray:
     return 100.0 * average_rank[inverse] / (scores.size - 1)
 
 
-def otsu_threshold(scores: np.ndarray, *, bins: int = 256) -> float:
+def otsu_threshold(scores: np.ndarray, *, bins: int = 256, log_scale: bool = True) -> float:
     """The threshold that best splits ``scores`` into two groups (Otsu's method on a
-    histogram of ``log1p(scores)``): the low group of fitted examples and the high
-    group that needed large multipliers."""
+    histogram of ``log1p(scores)``, or of the scores themselves with
+    ``log_scale=False``): the low group of fitted examples and the high group that
+    needed large multipliers (or violated their margins most)."""
     scores = np.asarray(scores, dtype=np.float64)
+    if not log_scale:
+        finite = scores[np.isfinite(scores)]
+        if finite.size == 0 or finite.max() == finite.min():
+            return float("inf")
+        counts, edges = np.histogram(finite, bins=bins)
+        return float(edges[_otsu_split(counts, 0.5 * (edges[:-1] + edges[1:])) + 1])
     positive = np.log1p(np.clip(scores, 0.0, None))
     if positive.size == 0 or positive.max() == positive.min():
         return float("inf")
     counts, edges = np.histogram(positive, bins=bins)
-    centers = 0.5 * (edges[:-1] + edges[1:])
+    return float(np.expm1(edges[_otsu_split(counts, 0.5 * (edges[:-1] + edges[1:])) + 1]))
+
+
+def _otsu_split(counts: np.ndarray, centers: np.ndarray) -> int:
+    """Index of the last histogram bin of the low group (largest between-class variance)."""
     weight_low = np.cumsum(counts)
     weight_high = weight_low[-1] - weight_low
     mass_low = np.cumsum(counts * centers)
@@ -132,8 +143,7 @@ def otsu_threshold(scores: np.ndarray, *, bins: int = 256) -> float:
         mean_high = mass_high / weight_high
         between = weight_low * weight_high * (mean_low - mean_high) ** 2
     between = np.nan_to_num(between[:-1], nan=-1.0)
-    split = int(np.argmax(between))
-    return float(np.expm1(edges[split + 1]))
+    return int(np.argmax(between))
 
 
 def flag_examples(
@@ -143,6 +153,7 @@ def flag_examples(
     flag_fraction: float | None = None,
     threshold: float | None = None,
     concentration_threshold: float = 0.1,
+    log_scale: bool = True,
 ) -> tuple[np.ndarray, dict[str, float | str]]:
     """Turn scores into ``"mislabeled"`` / ``"hard"`` / ``"ok"``.
 
@@ -182,7 +193,8 @@ def flag_examples(
         chosen = float(np.sort(difficulty)[::-1][count - 1]) if difficulty.size else float("inf")
         method = f"top {flag_fraction:g} of examples by difficulty"
     else:
-        chosen, method = otsu_threshold(difficulty), "Otsu split of log(1 + difficulty)"
+        chosen = otsu_threshold(difficulty, log_scale=log_scale)
+        method = "Otsu split of log(1 + difficulty)" if log_scale else "Otsu split of difficulty"
     flagged = (difficulty >= chosen) & (difficulty > 0)
     flags = np.full(difficulty.shape, "ok", dtype=object)
     flags[flagged & (concentration >= concentration_threshold)] = "mislabeled"

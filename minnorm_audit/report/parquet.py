@@ -66,10 +66,15 @@ _SHARED_DESCRIPTIONS: dict[str, str] = {
         "The label to use if acting on the flag: the competing label when flag is "
         "'mislabeled', otherwise the given label."
     ),
-    "competing_label": "The class the multipliers push the example toward (largest competing multiplier).",
+    "competing_label": (
+        "The class training pushed the example toward: the competing class it violated "
+        "most on average (score_state 'violation'), else its largest multiplier."
+    ),
     "difficulty": (
-        "How hard the network had to push to fit the given label (multiplier mass; "
-        "higher means more suspect)."
+        "How hard the network had to push to fit the given label; higher means more "
+        "suspect. score_state 'violation' (default): the largest mean margin violation "
+        "over competing classes across training (the dual ascent before projection; "
+        "> 0: on average inside the margin); 'average'/'final': the largest multiplier."
     ),
     "difficulty_percentile": "Rank percentile of difficulty among all examples, in [0, 100].",
     "flag": "'mislabeled', 'hard' or 'ok' (regression: 'hard' or 'ok'); the rule is in summary.json.",
@@ -80,11 +85,11 @@ _SHARED_DESCRIPTIONS: dict[str, str] = {
 EXAMPLES_DESCRIPTIONS: dict[str, str] = {
     **_SHARED_DESCRIPTIONS,
     "label_concentration": (
-        "Share of the example's multiplier mass on its strongest competing class, in "
-        "[0, 1]; 1 means the whole push points at one other class."
+        "How much of the example's push points at one competing class, in [0, 1]: 0 "
+        "spread evenly over the other classes, 1 all on one."
     ),
     "margin": "Output for the given label minus the best other output, at the end of training.",
-    "class_multipliers": "Multiplier mass per class, in the order of class_names in the metadata.",
+    "class_multipliers": "Final multiplier per class, in the order of class_names in the metadata.",
 }
 
 SET_ASIDE_DESCRIPTIONS: dict[str, str] = {
