@@ -663,6 +663,12 @@ class Minnorm(torch.optim.Optimizer):
         # "violation" score state of train.fit; it costs one more (n, width) table.
         self.violation_sums: torch.Tensor | None = None
         self.visits: torch.Tensor | None = None
+        if track_violations and isinstance(self.multipliers, CompactMultiplierStore):
+            raise ValueError(
+                f"tracking violations needs a dense ({num_examples:,} x {num_outputs}) table, more than the "
+                "memory budget that chose the compact multiplier store; use score_state 'average' "
+                "(--score-state average) or raise the budget"
+            )
         if track_violations:
             self.violation_sums = torch.zeros(num_examples, num_outputs, device=device, dtype=torch.float32)
             self.visits = torch.zeros(num_examples, device=device, dtype=torch.int32)
