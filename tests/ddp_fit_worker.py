@@ -45,6 +45,7 @@ def run(out_dir: Path) -> dict[str, np.ndarray]:
     arrays = {
         "final_multipliers": result.final_multipliers,
         "average_multipliers": result.average_multipliers,
+        "mean_violations": result.mean_violations,
         "final_outputs": result.final_outputs,
         "difficulty": difficulty_scores(result.average_multipliers),
         "norms": np.array([entry["norm"] for entry in result.history]),

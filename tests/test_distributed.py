@@ -65,9 +65,11 @@ def test_two_gloo_ranks_match_one_process_and_agree(tmp_path):
         np.testing.assert_array_equal(ranks[0][key], ranks[1][key], err_msg=key)  # every rank agrees
     (tmp_path / "single").mkdir()
     single = _load_worker().run(tmp_path / "single")
-    for key in ("final_multipliers", "average_multipliers", "difficulty", "final_outputs", "norms"):
+    for key in ("final_multipliers", "average_multipliers", "mean_violations", "difficulty", "final_outputs", "norms"):
         np.testing.assert_allclose(ranks[0][key], single[key], rtol=1e-6, atol=1e-9, err_msg=key)
-    assert np.abs(single["final_multipliers"]).max() > 0.1  # the multipliers did move
+    # The multipliers did move (the default soft-margin cap keeps them small).
+    assert np.abs(single["final_multipliers"]).max() > 0.05
+    assert np.abs(single["mean_violations"]).max() > 0.5
 
 
 @needs_torchrun
