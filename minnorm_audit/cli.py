@@ -33,6 +33,8 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--score-state", type=click.Choice(["violation", "average", "final"]), default=defaults.score_state, help="Which state of the multipliers is scored: the mean violation (dual ascent before projection), the multipliers' mean over epochs, or the final ones (see docs/benchmarks.md)."),
         click.option("--multiplier-cap", type=click.FloatRange(min=0, min_open=True), default=defaults.multiplier_cap, help="Soft-margin cap: no multiplier exceeds CAP x the 90th percentile of the examples' largest multipliers."),
         click.option("--no-multiplier-cap", is_flag=True, help="Train the hard-margin problem (no cap)."),
+        click.option("--multiplier-store", type=click.Choice(["auto", "dense", "compact"]), default=defaults.multiplier_store, help="Where the multipliers live: a dense examples x classes table, or the top-k classes per example (compact; auto: when the dense table would pass --multiplier-memory-gb)."),
+        click.option("--multiplier-memory-gb", type=click.FloatRange(min=0, min_open=True), default=defaults.multiplier_memory_gb, help="Budget (GB) for all per-example training state, which picks the multiplier store and its slots."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto"),
         click.option("--seed", type=int, default=0),
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
@@ -78,6 +80,8 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         workers=options["workers"],
         score_state=options["score_state"],
         multiplier_cap=None if options["no_multiplier_cap"] else options["multiplier_cap"],
+        multiplier_store=options["multiplier_store"],
+        multiplier_memory_gb=options["multiplier_memory_gb"],
     )
     return AuditOptions(
         model=options["model"],

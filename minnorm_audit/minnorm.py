@@ -112,8 +112,9 @@ StoreChoice = Literal["auto", "dense", "compact"]
 DEFAULT_MEMORY_BUDGET_BYTES = 1_000_000_000
 #: Most slots per example the compact store uses when ``slots`` is not given.
 DEFAULT_MAX_SLOTS = 64
-# Rows handled at once when a whole-store pass (densify, argmax, change) needs temporaries.
-_CHUNK_ROWS = 1 << 15
+# Rows handled at once when a whole-store pass (densify, argmax, change) needs
+# temporaries: 4096 x 1000 classes is 16 MB per float32 block.
+_CHUNK_ROWS = 1 << 12
 
 
 class DenseMultiplierStore:
@@ -371,13 +372,13 @@ class CompactMultiplierStore:
         """``(||values - snapshot||, ||snapshot||)`` of the dense matrices, in chunks."""
         if self.previous_classes is None or self.previous_values is None:
             return None
-        change = previous = 0.0
+        change = previous = 0.0  # sums of squares over chunks, in Python floats (float64)
         for start in range(0, self.num_examples, _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
             now = self._expand(self.classes[rows], self.values[rows].float())
             before = self._expand(self.previous_classes[rows], self.previous_values[rows])
-            change += float((now - before).double().pow(2).sum())
-            previous += float(self.previous_values[rows].double().pow(2).sum())
+            change += float(torch.linalg.vector_norm(now.sub_(before))) ** 2
+            previous += float(torch.linalg.vector_norm(self.previous_values[rows])) ** 2
         return math.sqrt(change), math.sqrt(previous)
 
     def state_dict(self) -> dict[str, Any]:

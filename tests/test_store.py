@@ -237,3 +237,26 @@ def test_state_bytes_formula_matches_the_tensors_held(store):
     kind = {"dense": DenseMultiplierStore, "compact": CompactMultiplierStore}[store]
     assert isinstance(optimizer.multipliers, kind)
     assert math.isfinite(optimizer.diagnostics()["multiplier_change"])
+
+
+def test_cli_can_force_the_compact_store(tmp_path):
+    import json
+
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from minnorm_audit.cli import main
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(200, 4)), columns=list("abcd"))
+    frame["label"] = rng.integers(0, 5, size=200)
+    frame.to_csv(tmp_path / "table.csv", index=False)
+    arguments = ["run", str(tmp_path / "table.csv"), "--epochs", "2", "--device", "cpu", "--quiet",
+                 "--multiplier-store", "compact", "--score-state", "average"]
+    result = CliRunner().invoke(main, [*arguments, "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "run" / "summary.json").read_text())["config"]
+    assert config["multiplier_store"] == "compact"
+    # The violation state needs a dense table: refused in one line, not a traceback.
+    refused = CliRunner().invoke(main, [*arguments[:-2], "--out", str(tmp_path / "refused")])
+    assert refused.exit_code == 1 and "tracking violations needs a dense" in refused.output
