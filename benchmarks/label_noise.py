@@ -206,6 +206,7 @@ def main() -> None:
     parser.add_argument("--part", choices=["tuning", "heldout", "both"], default="both")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--skip-extras", action="store_true", help="Skip the hard-examples and accuracy tables.")
+    parser.add_argument("--datasets", nargs="+", default=None, help="Only these datasets of the chosen part(s).")
     parser.add_argument("--json", type=Path, default=None, help="Also write every per-seed figure here.")
     args = parser.parse_args()
     torch.set_num_threads(1)  # every method gets the same single core: fair wall times
@@ -225,7 +226,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for part in chosen:
             cells: dict[tuple, list] = {}
-            for name, kind, rate in itertools.product(parts[part], ("symmetric", "asymmetric"), (0.1, 0.3)):
+            names = [n for n in parts[part] if args.datasets is None or n in args.datasets]
+            for name, kind, rate in itertools.product(names, ("symmetric", "asymmetric"), (0.1, 0.3)):
                 for seed in args.seeds:
                     workdir = Path(scratch) / f"{name}-{kind}-{rate}-{seed}"
                     cells.setdefault((name, kind, rate), []).append(evaluate_cell(name, kind, rate, seed, workdir))
