@@ -246,6 +246,13 @@ class CompactMultiplierStore:
     suggested label are read from the strongest classes, which are exactly the ones
     kept, so they move little; ``tests/test_store.py`` bounds the effect on digits with
     2 of 9 competing classes kept.
+
+    The "violation" score state (:meth:`track_violations`) keeps one violation sum
+    per slot. A class's sum starts at the visit it takes a slot, which is its first
+    violated visit, so only earlier visits where it was satisfied (``-g <= 0``) are
+    missing; a class without a slot reads as ``VIOLATION_FLOOR``. Where an example was
+    violated, the scores and suggested labels match the dense table's
+    (``tests/test_store.py``).
     """
 
     kind = "compact"
@@ -273,12 +280,25 @@ class CompactMultiplierStore:
         self.average = torch.zeros_like(self.values)
         self.previous_classes: torch.Tensor | None = None
         self.previous_values: torch.Tensor | None = None
+        # Per slot, the sum over visits of -g for that slot's class (Minnorm's
+        # "violation" score state); None until track_violations().
+        self.violation_sums: torch.Tensor | None = None
         self.version = 0
 
     @staticmethod
-    def bytes_per_example(width: int, slots: int, dtype: torch.dtype = torch.float32) -> int:
-        """Classes, values, running average, and the snapshot's classes and values."""
-        return slots * (2 * _class_index_dtype(width).itemsize + 3 * _itemsize(dtype))
+    def bytes_per_example(
+        width: int, slots: int, dtype: torch.dtype = torch.float32, *, violations: bool = False
+    ) -> int:
+        """Classes, values, running average, the snapshot's classes and values, and
+        with ``violations`` a float32 violation sum per slot."""
+        return slots * (2 * _class_index_dtype(width).itemsize + 3 * _itemsize(dtype) + (4 if violations else 0))
+
+    def track_violations(self) -> None:
+        """Keep a violation sum per slot. Approximation: a class's sum starts when it
+        takes a slot (a violated class gets a positive multiplier, hence a slot, at
+        its first violated visit) and is lost when the class is evicted."""
+        if self.violation_sums is None:
+            self.violation_sums = torch.zeros(self.values.shape, device=self.device, dtype=torch.float32)
 
     @property
     def num_examples(self) -> int:
@@ -294,6 +314,8 @@ class CompactMultiplierStore:
 
     def nbytes(self) -> int:
         tensors = [self.classes, self.values, self.average]
+        if self.violation_sums is not None:
+            tensors.append(self.violation_sums)
         if self.previous_classes is not None and self.previous_values is not None:
             tensors += [self.previous_classes, self.previous_values]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -307,18 +329,38 @@ class CompactMultiplierStore:
     def gather(self, example_ids: torch.Tensor) -> torch.Tensor:
         return self._expand(self.classes.index_select(0, example_ids), self.values.index_select(0, example_ids))
 
-    def scatter(self, example_ids: torch.Tensor, values: torch.Tensor) -> None:
-        """Keep the ``slots`` classes of largest ``max(values, running mean)`` per example."""
+    def scatter(
+        self, example_ids: torch.Tensor, values: torch.Tensor, violation_increment: torch.Tensor | None = None
+    ) -> None:
+        """Keep the ``slots`` classes of largest ``max(values, running mean)`` per example;
+        ``violation_increment`` (dense, per class) is added to the tracked violation sums."""
         values = values.to(self.values.dtype)
         classes = self.classes.index_select(0, example_ids)
         average = self._expand(classes, self.average.index_select(0, example_ids))
         key = torch.maximum(values, average)
         top_key, top_classes = key.topk(self.slots, dim=1, sorted=False)
         empty = top_key == 0  # NaN stays: check_finite must see it
+        if self.violation_sums is not None and violation_increment is not None:
+            sums = self._expand(classes, self.violation_sums.index_select(0, example_ids))
+            sums = sums + violation_increment.to(sums.dtype)
+            self.violation_sums.index_copy_(0, example_ids, sums.gather(1, top_classes).masked_fill_(empty, 0.0))
         self.classes.index_copy_(0, example_ids, top_classes.masked_fill(empty, self.width).to(self.classes.dtype))
         self.values.index_copy_(0, example_ids, values.gather(1, top_classes).masked_fill_(empty, 0.0))
         self.average.index_copy_(0, example_ids, average.gather(1, top_classes).masked_fill_(empty, 0.0))
         self.version += 1
+
+    def dense_mean_violations(self, visits: torch.Tensor, missing: float) -> torch.Tensor:
+        """``(num_examples, width)`` mean violations; classes without a slot get ``missing``."""
+        if self.violation_sums is None:
+            raise RuntimeError("call track_violations() first")
+        dense = torch.full((self.num_examples, self.width), missing, device=self.device, dtype=torch.float32)
+        for start in range(0, self.num_examples, _CHUNK_ROWS):
+            rows = slice(start, start + _CHUNK_ROWS)
+            block = torch.full((dense[rows].shape[0], self.width + 1), missing, device=self.device)
+            means = self.violation_sums[rows] / visits[rows].clamp(min=1).unsqueeze(1).float()
+            block.scatter_(1, self.classes[rows].long(), means)
+            dense[rows] = block[:, : self.width]
+        return dense
 
     def _dense_of(self, slot_values: torch.Tensor) -> torch.Tensor:
         dense = slot_values.new_zeros(self.num_examples, self.width)
@@ -390,6 +432,7 @@ class CompactMultiplierStore:
             "average": self.average,
             "previous_classes": self.previous_classes,
             "previous_values": self.previous_values,
+            "violation_sums": self.violation_sums,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -397,6 +440,10 @@ class CompactMultiplierStore:
             self.classes.copy_(state["classes"].to(self.device))
             self.values.copy_(state["values"].to(self.device))
             self.average.copy_(state["average"].to(self.device))
+            if self.violation_sums is not None:
+                if state.get("violation_sums") is None:
+                    raise StateMismatchError("saved multiplier store did not track violations but this run does")
+                self.violation_sums.copy_(state["violation_sums"].to(self.device))
             if state.get("previous_classes") is None or state.get("previous_values") is None:
                 self.previous_classes = self.previous_values = None
             else:
@@ -435,15 +482,17 @@ def state_bytes(
     store: Literal["dense", "compact"],
     slots: int | None = None,
     dtype: torch.dtype = torch.float32,
+    violations: bool = False,
 ) -> int:
-    """Bytes of all per-example training state for a store (see :func:`choose_store`)."""
+    """Bytes of all per-example training state for a store (see :func:`choose_store`);
+    ``violations``: the violation sums and visit count of the "violation" score state."""
     if store == "dense":
-        per_example = DenseMultiplierStore.bytes_per_example(num_outputs, dtype)
+        per_example = DenseMultiplierStore.bytes_per_example(num_outputs, dtype) + (4 * num_outputs if violations else 0)
     else:
         if slots is None:
             raise ValueError("the compact store needs a slot count")
-        per_example = CompactMultiplierStore.bytes_per_example(num_outputs, slots, dtype)
-    return num_examples * (per_example + per_example_overhead_bytes(dtype))
+        per_example = CompactMultiplierStore.bytes_per_example(num_outputs, slots, dtype, violations=violations)
+    return num_examples * (per_example + per_example_overhead_bytes(dtype) + (4 if violations else 0))
 
 
 def choose_store(
@@ -455,6 +504,7 @@ def choose_store(
     slots: int | None = None,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
     dtype: torch.dtype = torch.float32,
+    violations: bool = False,
 ) -> tuple[Literal["dense", "compact"], int | None]:
     """Pick the multiplier store and its slot count.
 
@@ -482,7 +532,8 @@ def choose_store(
         store == "auto"
         and (
             not compact_possible
-            or state_bytes(num_examples, num_outputs, store="dense", dtype=dtype) <= memory_budget_bytes
+            or state_bytes(num_examples, num_outputs, store="dense", dtype=dtype, violations=violations)
+            <= memory_budget_bytes
         )
     ):
         return "dense", None
@@ -492,8 +543,8 @@ def choose_store(
         if not 1 <= slots < num_outputs:
             raise ValueError(f"multiplier slots must lie in [1, {num_outputs - 1}], got {slots}")
         return "compact", int(slots)
-    per_slot = CompactMultiplierStore.bytes_per_example(num_outputs, 1, dtype)
-    room = memory_budget_bytes // max(num_examples, 1) - per_example_overhead_bytes(dtype)
+    per_slot = CompactMultiplierStore.bytes_per_example(num_outputs, 1, dtype, violations=violations)
+    room = memory_budget_bytes // max(num_examples, 1) - per_example_overhead_bytes(dtype) - (4 if violations else 0)
     slots = min(num_outputs - 1, DEFAULT_MAX_SLOTS, room // per_slot)
     if slots < 1:
         raise ValueError(
@@ -637,7 +688,7 @@ class Minnorm(torch.optim.Optimizer):
         self.fitted_tolerance = float(fitted_tolerance)
         kind, slots = choose_store(
             num_examples, num_outputs, form=form, store=multiplier_store, slots=multiplier_slots,
-            memory_budget_bytes=memory_budget_bytes, dtype=multiplier_dtype,
+            memory_budget_bytes=memory_budget_bytes, dtype=multiplier_dtype, violations=track_violations,
         )
         self.multipliers: MultiplierStore
         if kind == "dense":
@@ -661,18 +712,17 @@ class Minnorm(torch.optim.Optimizer):
         self.max_multiplier = None if max_multiplier is None else float(max_multiplier)
         # The dual ascent before projection, per example and class: the sum over visits
         # of -g (floored, see VIOLATION_FLOOR) and the visit count. Its mean is the
-        # "violation" score state of train.fit; it costs one more (n, width) table.
+        # "violation" score state of train.fit: one more (n, width) table beside the
+        # dense store, one float per slot inside the compact one.
         self.violation_sums: torch.Tensor | None = None
         self.visits: torch.Tensor | None = None
-        if track_violations and isinstance(self.multipliers, CompactMultiplierStore):
-            raise ValueError(
-                f"tracking violations needs a dense ({num_examples:,} x {num_outputs}) table, more than the "
-                "memory budget that chose the compact multiplier store; use score_state 'average' "
-                "(--score-state average) or raise the budget"
-            )
+        self.track_violations = bool(track_violations)
         if track_violations:
-            self.violation_sums = torch.zeros(num_examples, num_outputs, device=device, dtype=torch.float32)
             self.visits = torch.zeros(num_examples, device=device, dtype=torch.int32)
+            if isinstance(self.multipliers, CompactMultiplierStore):
+                self.multipliers.track_violations()  # one sum per slot, not per class
+            else:
+                self.violation_sums = torch.zeros(num_examples, num_outputs, device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ constraints
     @property
@@ -884,12 +934,18 @@ class Minnorm(torch.optim.Optimizer):
                 else:
                     violation = violation.relu_().amax(dim=1)
                 self.labels.index_copy_(0, ids, update.labels)
-            store.scatter(ids, updated)
-            self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
-            if self.violation_sums is not None and self.visits is not None:
+            increment = None
+            if self.visits is not None:
                 signed = g if self.form == "equality" else g.neg()
-                self.violation_sums.index_add_(0, ids, signed.float().clamp(min=VIOLATION_FLOOR))
+                increment = signed.float().clamp(min=VIOLATION_FLOOR)
                 self.visits.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+                if self.violation_sums is not None:
+                    self.violation_sums.index_add_(0, ids, increment)
+            if isinstance(store, CompactMultiplierStore):
+                store.scatter(ids, updated, increment)
+            else:
+                store.scatter(ids, updated)
+            self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
         self.dual_steps += 1
 
     def take_pending(self) -> list[PendingDualUpdate]:
@@ -953,8 +1009,12 @@ class Minnorm(torch.optim.Optimizer):
         the equality form), each visit floored at ``VIOLATION_FLOOR``: the dual ascent
         before the projection onto ``[0, max_multiplier]``, per step of ``dual_lr``.
         Needs ``track_violations=True``."""
-        if self.violation_sums is None or self.visits is None:
+        if self.visits is None:
             raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            # Classes without a slot were never violated for long: the floor stands in.
+            return self.multipliers.dense_mean_violations(self.visits, VIOLATION_FLOOR)
+        assert self.violation_sums is not None
         return self.violation_sums / self.visits.clamp(min=1).unsqueeze(1).float()
 
     def multipliers_finite(self) -> bool:
@@ -1098,11 +1158,12 @@ class Minnorm(torch.optim.Optimizer):
         self.dual_steps = int(saved["dual_steps"])
         self.average_epochs = int(saved.get("average_epochs", 0))
         self.max_multiplier = saved.get("max_multiplier", self.max_multiplier)
-        if self.violation_sums is not None and self.visits is not None:
-            if saved.get("violation_sums") is None:
+        if self.visits is not None:
+            if saved.get("visits") is None:
                 raise StateMismatchError("saved Minnorm state did not track violations but this run does")
             with torch.no_grad():
-                self.violation_sums.copy_(saved["violation_sums"].to(self.device))
+                if self.violation_sums is not None:
+                    self.violation_sums.copy_(saved["violation_sums"].to(self.device))
                 self.visits.copy_(saved["visits"].to(self.device))
         previous_scores = saved.get("previous_scores")
         self._previous_scores = None if previous_scores is None else previous_scores.numpy().copy()

@@ -367,7 +367,7 @@ def fit(
         device=str(device),
         data_placement=source.placement,
         world_size=context.world_size,
-        mean_violations=None if optimizer.violation_sums is None else optimizer.mean_violations().cpu().numpy(),
+        mean_violations=None if optimizer.visits is None else optimizer.mean_violations().cpu().numpy(),
     )
 
 
