@@ -82,7 +82,8 @@ def step_times(images: np.ndarray, labels: np.ndarray, device: torch.device, bat
     batch = inputs[:batch_size].to(device)
     batch_labels = torch.from_numpy(labels[:batch_size]).to(device)
     minnorm = Minnorm(torch.optim.Adam(model.parameters(), lr=1e-3), num_examples=len(images),
-                      num_outputs=NUM_CLASSES, model=model, dual_lr=0.01, device=device)
+                      num_outputs=NUM_CLASSES, model=model, dual_lr=0.01, device=device,
+                      track_violations=True, max_multiplier=0.05)  # as fit() trains by default
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def minnorm_step() -> None:

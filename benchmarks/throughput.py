@@ -47,7 +47,9 @@ def step_ratio(inputs: torch.Tensor, labels: torch.Tensor, num_classes: int, rep
     batch_ids = torch.arange(min(128, len(inputs)))
     batch, batch_labels = inputs[batch_ids], labels[batch_ids]
     minnorm = Minnorm(torch.optim.Adam(model.parameters(), lr=1e-3), num_examples=len(inputs),
-                      num_outputs=num_classes, model=model)
+                      num_outputs=num_classes, model=model,
+                      # As fit() trains by default: violation sums kept, soft-margin cap on.
+                      track_violations=True, max_multiplier=0.05)
     plain = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def minnorm_step() -> None:
