@@ -50,9 +50,14 @@ from .train import FitResult, TrainConfig, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
 STOPPING_RULE = (
-    "fixed budget of {epochs} epochs (dual time dual_lr x epochs = {dual_time:g}); "
-    "scores read from the {state} multipliers over those epochs"
+    "fixed budget of {epochs} epochs (dual time dual_lr x epochs = {dual_time:g}){cap}; "
+    "scores read from {state}"
 )
+SCORED_STATE_TEXT = {
+    "violation": "the mean margin violation per competing class over those epochs (the dual ascent before projection)",
+    "average": "the mean of the multipliers over those epochs",
+    "final": "the multipliers after the last epoch",
+}
 
 
 @dataclass
@@ -317,7 +322,11 @@ def run_audit(
         stopping_rule=STOPPING_RULE.format(
             epochs=settings.train.epochs,
             dual_time=settings.train.dual_lr * settings.train.epochs,
-            state="mean of the" if settings.train.score_state == "average" else "final",
+            cap=(
+                f", multipliers capped at {settings.train.multiplier_cap:g} x their 90th percentile"
+                if settings.train.multiplier_cap is not None else ", no multiplier cap"
+            ),
+            state=SCORED_STATE_TEXT[settings.train.score_state],
         ),
         score_statistic=settings.statistic,
     )

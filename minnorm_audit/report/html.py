@@ -529,7 +529,7 @@ def _difficulty_plot_svg(difficulty: np.ndarray, flags: np.ndarray, threshold: f
     if log_bins:
         axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: format_number(float(value))))
         axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("difficulty (multiplier mass)", fontsize=9, color="#334155")
+    axes.set_xlabel("difficulty", fontsize=9, color="#334155")
     axes.set_ylabel("examples (log scale)", fontsize=9, color="#334155")
     axes.legend(frameon=False, fontsize=8, loc="upper right")
     figure.subplots_adjust(left=0.085, right=0.99, bottom=0.16, top=0.97)
