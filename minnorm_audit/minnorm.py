@@ -248,11 +248,13 @@ class CompactMultiplierStore:
     2 of 9 competing classes kept.
 
     The "violation" score state (:meth:`track_violations`) keeps one violation sum
-    per slot. A class's sum starts at the visit it takes a slot, which is its first
-    violated visit, so only earlier visits where it was satisfied (``-g <= 0``) are
-    missing; a class without a slot reads as ``VIOLATION_FLOOR``. Where an example was
-    violated, the scores and suggested labels match the dense table's
-    (``tests/test_store.py``).
+    per slot, and the slots then hold the active classes (multiplier or mean > 0) of
+    largest sum, since the score is the largest sum (under the multiplier cap many
+    multipliers tie, and a value-ordered choice would churn the slots). A class's sum
+    starts when it takes a slot; a class without a slot reads as ``VIOLATION_FLOOR``.
+    While no class is evicted, the scores and suggested labels match the dense table's
+    where an example was violated; with 3 of 9 classes kept on digits the flipped
+    examples stay on top (``tests/test_store.py``).
     """
 
     kind = "compact"
@@ -338,12 +340,19 @@ class CompactMultiplierStore:
         classes = self.classes.index_select(0, example_ids)
         average = self._expand(classes, self.average.index_select(0, example_ids))
         key = torch.maximum(values, average)
-        top_key, top_classes = key.topk(self.slots, dim=1, sorted=False)
-        empty = top_key == 0  # NaN stays: check_finite must see it
         if self.violation_sums is not None and violation_increment is not None:
             sums = self._expand(classes, self.violation_sums.index_select(0, example_ids))
             sums = sums + violation_increment.to(sums.dtype)
-            self.violation_sums.index_copy_(0, example_ids, sums.gather(1, top_classes).masked_fill_(empty, 0.0))
+            # With violations tracked the score is the largest sum, so the slots keep the
+            # active classes (a multiplier or mean > 0) of largest sum: under the cap many
+            # multipliers tie at the cap and a value-ordered choice would churn the slots.
+            active = key != 0
+            top_sums, top_classes = torch.where(active, sums, float("-inf")).topk(self.slots, dim=1, sorted=False)
+            empty = ~active.gather(1, top_classes)
+            self.violation_sums.index_copy_(0, example_ids, top_sums.masked_fill_(empty, 0.0))
+        else:
+            top_key, top_classes = key.topk(self.slots, dim=1, sorted=False)
+            empty = top_key == 0  # NaN stays: check_finite must see it
         self.classes.index_copy_(0, example_ids, top_classes.masked_fill(empty, self.width).to(self.classes.dtype))
         self.values.index_copy_(0, example_ids, values.gather(1, top_classes).masked_fill_(empty, 0.0))
         self.average.index_copy_(0, example_ids, average.gather(1, top_classes).masked_fill_(empty, 0.0))
