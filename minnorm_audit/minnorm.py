@@ -1039,6 +1039,7 @@ class Minnorm(torch.optim.Optimizer):
             + self.last_violation.numel() * self.last_violation.element_size()
             + self.labels.numel() * self.labels.element_size()
             + scores
+            + sum(t.numel() * t.element_size() for t in (self.visits, self.violation_sums) if t is not None)
         )
 
     def difficulty(self) -> np.ndarray:

@@ -220,17 +220,20 @@ def test_store_choice_and_memory_at_imagenet_scale():
         choose_store(10**9, 1000, memory_budget_bytes=10**9)
 
 
+@pytest.mark.parametrize("track", [False, True])
 @pytest.mark.parametrize("store", ["dense", "compact"])
-def test_state_bytes_formula_matches_the_tensors_held(store):
+def test_state_bytes_formula_matches_the_tensors_held(store, track):
     num_examples, width, slots = 500, 12, 5
     model = nn.Linear(3, width)
     optimizer = Minnorm(torch.optim.SGD(model.parameters(), lr=0.1), num_examples=num_examples, num_outputs=width,
-                        multiplier_store=store, multiplier_slots=slots if store == "compact" else None)
+                        multiplier_store=store, multiplier_slots=slots if store == "compact" else None,
+                        track_violations=track)
     ids = torch.arange(num_examples)
     optimizer.lagrangian(model(torch.randn(num_examples, 3)), torch.randint(0, width, (num_examples,)), ids).backward()
     optimizer.step()
     optimizer.diagnostics()  # allocates the snapshot and the previous scores
-    expected = state_bytes(num_examples, width, store=store, slots=slots if store == "compact" else None)
+    expected = state_bytes(num_examples, width, store=store, slots=slots if store == "compact" else None,
+                           violations=track)
     # The formula also counts the transient current scores (8 bytes per example).
     assert optimizer.state_nbytes() + 8 * num_examples == expected
     kind = {"dense": DenseMultiplierStore, "compact": CompactMultiplierStore}[store]
