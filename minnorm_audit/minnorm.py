@@ -915,6 +915,7 @@ class Minnorm(torch.optim.Optimizer):
         for update in pending:
             ids = update.example_ids
             g = update.constraint_values
+            increment = None
             if update.multipliers is not None and update.store_version == store.version:
                 current = update.multipliers  # read by lagrangian(); nothing changed since
             else:
@@ -929,12 +930,14 @@ class Minnorm(torch.optim.Optimizer):
                 if current.dtype != updated.dtype:
                     work_dtype = torch.promote_types(current.dtype, updated.dtype)
                     updated, current = updated.to(work_dtype), current.to(work_dtype)
-                torch.sub(current, updated, out=updated).relu_()
-                if self.max_multiplier is not None:
-                    updated.clamp_(max=self.max_multiplier)
+                torch.sub(current, updated, out=updated)
+                # relu, and the soft-margin cap in the same pass.
+                updated.clamp_(min=0.0, max=self.max_multiplier)
                 # Largest violation max(0, max_j -g_ij) over competing classes: the
                 # own-label column set to 0 stands in for the max with 0.
                 violation = g.neg()
+                if self.visits is not None:  # before the own column is zeroed
+                    increment = violation.float().clamp(min=VIOLATION_FLOOR)
                 if self.num_outputs > 1:
                     own = update.labels.unsqueeze(1)
                     updated.scatter_(1, own, 0.0)
@@ -943,11 +946,10 @@ class Minnorm(torch.optim.Optimizer):
                 else:
                     violation = violation.relu_().amax(dim=1)
                 self.labels.index_copy_(0, ids, update.labels)
-            increment = None
             if self.visits is not None:
-                signed = g if self.form == "equality" else g.neg()
-                increment = signed.float().clamp(min=VIOLATION_FLOOR)
-                self.visits.index_add_(0, ids, torch.ones_like(ids, dtype=torch.int32))
+                if self.form == "equality":
+                    increment = g.float().clamp(min=VIOLATION_FLOOR)
+                self.visits.index_add_(0, ids, self._visit_ones(ids.numel()))
                 if self.violation_sums is not None:
                     self.violation_sums.index_add_(0, ids, increment)
             if isinstance(store, CompactMultiplierStore):
@@ -956,6 +958,13 @@ class Minnorm(torch.optim.Optimizer):
                 store.scatter(ids, updated)
             self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
         self.dual_steps += 1
+
+    def _visit_ones(self, count: int) -> torch.Tensor:
+        """A cached ``(count,)`` int32 tensor of ones for the visit counter."""
+        ones = getattr(self, "_ones", None)
+        if ones is None or ones.numel() < count:
+            ones = self._ones = torch.ones(max(count, 1024), dtype=torch.int32, device=self.device)
+        return ones[:count]
 
     def take_pending(self) -> list[PendingDualUpdate]:
         """Hand over (and clear) the constraint values recorded since the last step."""
