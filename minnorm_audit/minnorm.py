@@ -725,7 +725,7 @@ class Minnorm(torch.optim.Optimizer):
         # dense store, one float per slot inside the compact one.
         self.violation_sums: torch.Tensor | None = None
         self.visits: torch.Tensor | None = None
-        self.track_violations = bool(track_violations)
+        self._ones: torch.Tensor | None = None  # see _visit_ones
         if track_violations:
             self.visits = torch.zeros(num_examples, device=device, dtype=torch.int32)
             if isinstance(self.multipliers, CompactMultiplierStore):
@@ -961,7 +961,7 @@ class Minnorm(torch.optim.Optimizer):
 
     def _visit_ones(self, count: int) -> torch.Tensor:
         """A cached ``(count,)`` int32 tensor of ones for the visit counter."""
-        ones = getattr(self, "_ones", None)
+        ones = self._ones
         if ones is None or ones.numel() < count:
             ones = self._ones = torch.ones(max(count, 1024), dtype=torch.int32, device=self.device)
         return ones[:count]

@@ -154,6 +154,21 @@ def test_fit_resumes_a_compact_run_exactly(tmp_path):
     assert (resumed.final_multipliers > 0).sum(1).max() <= 3  # at most `slots` classes per example
 
 
+def flipped_digits_900():
+    """The first 900 digits with 90 labels flipped (seed 0): clean and noisy labels,
+    the flip mask, and the training tensors."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    features, clean = datasets.load_digits(return_X_y=True)
+    features, clean = features[:900], clean[:900]
+    rng = np.random.default_rng(0)
+    flipped = rng.choice(len(clean), 90, replace=False)
+    noisy = clean.copy()
+    noisy[flipped] = (clean[flipped] + rng.integers(1, 10, size=90)) % 10
+    is_flipped = np.zeros(len(clean), dtype=bool)
+    is_flipped[flipped] = True
+    return clean, noisy, is_flipped, torch.tensor(features, dtype=torch.float32), torch.tensor(noisy)
+
+
 def test_compact_store_approximation_is_bounded_when_classes_exceed_the_slots():
     """Digits, 10% flipped labels, 3 of 9 competing classes kept (the dense run gives
     8 classes per example a multiplier at some epoch): the scores keep their ranking
@@ -164,17 +179,8 @@ def test_compact_store_approximation_is_bounded_when_classes_exceed_the_slots():
     slots 0.976 / 0.967 / 0.971); "final" state: 0.915 / 0.822 / 0.824 -> 0.807.
     The "violation" state (one sum per slot; the default) is checked by the next test.
     """
-    datasets = pytest.importorskip("sklearn.datasets")
     metrics = pytest.importorskip("sklearn.metrics")
-    features, clean = datasets.load_digits(return_X_y=True)
-    features, clean = features[:900], clean[:900]
-    rng = np.random.default_rng(0)
-    flipped = rng.choice(len(clean), 90, replace=False)
-    noisy = clean.copy()
-    noisy[flipped] = (clean[flipped] + rng.integers(1, 10, size=90)) % 10
-    is_flipped = np.zeros(len(clean), dtype=bool)
-    is_flipped[flipped] = True
-    inputs, targets = torch.tensor(features, dtype=torch.float32), torch.tensor(noisy)
+    clean, noisy, is_flipped, inputs, targets = flipped_digits_900()
 
     def train(store, slots):
         from minnorm_audit.models import build_model
@@ -313,17 +319,8 @@ def test_compact_violation_state_keeps_the_flipped_examples_on_top_with_3_of_9_c
     the dense table. Measured: Spearman 0.976, top-90 overlap 0.978, AUROC 0.999 ->
     0.998, suggested label right on flips 0.989 -> 0.922 (2 slots: 0.965 / 0.978 /
     0.997 / 0.878)."""
-    datasets = pytest.importorskip("sklearn.datasets")
     metrics = pytest.importorskip("sklearn.metrics")
-    features, clean = datasets.load_digits(return_X_y=True)
-    features, clean = features[:900], clean[:900]
-    rng = np.random.default_rng(0)
-    flipped = rng.choice(len(clean), 90, replace=False)
-    noisy = clean.copy()
-    noisy[flipped] = (clean[flipped] + rng.integers(1, 10, size=90)) % 10
-    is_flipped = np.zeros(len(clean), dtype=bool)
-    is_flipped[flipped] = True
-    inputs, targets = torch.tensor(features, dtype=torch.float32), torch.tensor(noisy)
+    clean, noisy, is_flipped, inputs, targets = flipped_digits_900()
 
     def scores(store, slots):
         from minnorm_audit.models import build_model
