@@ -18,20 +18,12 @@ import minnorm_audit
 from minnorm_audit.cli import main
 from minnorm_audit.clean import DecisionsError, read_decisions
 from minnorm_audit.data import DataError, load_dataset
+from helpers import tree_hash
 
 # Colour-coded 8x8 images: these settings catch every injected flip in ~2 s on a CPU.
 FAST_IMAGES = {"epochs": 5, "lr": 0.01, "image_size": 8, "device": "cpu"}
 FAST_IMAGES_CLI = ["--epochs", "5", "--lr", "0.01", "--image-size", "8", "--device", "cpu", "--quiet"]
 COLOURS = {"bird": (40, 40, 200), "cat": (200, 40, 40), "dog": (40, 200, 40)}
-
-
-def tree_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def error_lines(output: str) -> list[str]:

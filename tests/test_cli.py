@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -16,17 +15,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from minnorm_audit.cli import main
+from helpers import tree_hash
 
 FAST = ["--epochs", "3", "--quiet", "--device", "cpu"]
-
-
-def tree_hash(root: Path) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        digest.update(str(path.relative_to(root)).encode())
-        if path.is_file():
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 @pytest.fixture()
