@@ -93,6 +93,10 @@ def setup(device: torch.device) -> tuple[DistributedContext, torch.device]:
 def teardown() -> None:
     """Leave the process group (a no-op when none was joined)."""
     if dist.is_available() and dist.is_initialized():
+        # Every rank reaches this point before the group goes: destroying it while a
+        # peer is still in a collective can abort gloo ("terminate called without an
+        # active exception") and fail a finished run.
+        dist.barrier()
         dist.destroy_process_group()
 
 

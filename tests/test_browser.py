@@ -280,11 +280,17 @@ def test_review_decisions_download_and_feed_clean(driver: Any, audited_photos: A
     assert status == f"{len(kept) + 2} decisions: {len(kept)} keep, 1 drop, 1 relabel"
 
     download.click()
+    # Chromium may show the final name before the bytes land: wait for a finished,
+    # non-empty file whose size has stopped changing.
     files: list[Path] = []
-    for _ in range(100):
-        files = [path for path in downloads.iterdir() if not path.name.endswith(".crdownload")]
-        if files:
+    last_size = -1
+    for _ in range(200):
+        names = list(downloads.iterdir())
+        files = [path for path in names if not path.name.endswith(".crdownload")]
+        size = files[0].stat().st_size if len(files) == 1 else -1
+        if files and len(files) == len(names) and size > 0 and size == last_size:
             break
+        last_size = size
         time.sleep(0.1)
     assert [path.name for path in files] == [f"decisions-{run_dir.name}.csv"]
     decisions = pd.read_csv(files[0], dtype=str, keep_default_na=False)
