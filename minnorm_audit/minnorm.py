@@ -40,8 +40,9 @@ scaled by ``batch_size / num_examples`` so that one epoch sees it once.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -50,6 +51,10 @@ import torch
 from torch import nn
 
 ConstraintForm = Literal["margin", "equality"]
+
+# Steps whose dual updates Minnorm.deferred_dual_updates() applies in one pass: each
+# update is a dozen small tensor operations that cost mostly dispatch on a CPU.
+DEFERRED_WINDOW_STEPS = 16
 
 _NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -714,6 +719,11 @@ class Minnorm(torch.optim.Optimizer):
         self.labels = torch.full((num_examples,), -1, dtype=torch.long, device=device)
         self._pending: list[PendingDualUpdate] = []
         self._pending_batch_size = 0
+        # Dual updates of finished steps not applied yet (see deferred_dual_updates).
+        self._queued: list[PendingDualUpdate] = []
+        self._queued_steps = 0
+        self._window_steps: int | None = None
+        self._max_multiplier: float | None = None
         self._previous_scores: np.ndarray | None = None
         self.dual_steps = 0
         self.average_epochs = 0
@@ -734,6 +744,17 @@ class Minnorm(torch.optim.Optimizer):
                 self.violation_sums = torch.zeros(num_examples, num_outputs, device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ constraints
+    @property
+    def max_multiplier(self) -> float | None:
+        """Upper bound ``C`` on every ``lambda_ij`` (None: hard margin)."""
+        return self._max_multiplier
+
+    @max_multiplier.setter
+    def max_multiplier(self, value: float | None) -> None:
+        # Queued dual steps were taken under the bound in force then.
+        self.flush_dual_updates()
+        self._max_multiplier = None if value is None else float(value)
+
     @property
     def num_examples(self) -> int:
         return self.multipliers.num_examples
@@ -790,7 +811,8 @@ class Minnorm(torch.optim.Optimizer):
         """Augmented-Lagrangian multipliers used in the weight step."""
         if self.form == "equality":
             return multipliers + self.damping * constraint_values
-        effective = torch.relu(multipliers - self.damping * constraint_values)
+        # The arithmetic of lagrangian(): one add with alpha.
+        effective = torch.add(multipliers, constraint_values, alpha=-self.damping).relu_()
         return effective * self._competing_mask(labels)
 
     def lagrangian(
@@ -857,10 +879,13 @@ class Minnorm(torch.optim.Optimizer):
                 labels = labels.to(self.device, torch.long)
             if labels.ndim != 1:
                 labels = labels.reshape(-1)
-            constraint_values = self._margin_values(detached, labels)
-            effective = _as_dtype(constraint_values * self.damping, work_dtype)
-            torch.sub(_as_dtype(multipliers, work_dtype), effective, out=effective)
-            effective.relu_()
+            if self.num_outputs == 1:
+                constraint_values = self._margin_values(detached, labels)
+            else:
+                own = labels.unsqueeze(1)
+                constraint_values = torch.sub(detached.gather(1, own), detached).sub_(self.margin)
+            # lambda - damping * g in one pass (promoted to the wider dtype), then relu.
+            effective = torch.add(multipliers, constraint_values, alpha=-self.damping).relu_()
             if self.num_outputs == 1:
                 # -sum lambda_eff (s f - m): d/df = -lambda_eff * s.
                 signs = labels.unsqueeze(1).to(work_dtype).mul_(2).sub_(1)
@@ -869,7 +894,6 @@ class Minnorm(torch.optim.Optimizer):
                 constant_scale = self.margin
             else:
                 # -sum_j lambda_eff_j (f_y - f_j - m): d/df_j = lambda_eff_j, d/df_y = -sum_j lambda_eff_j.
-                own = labels.unsqueeze(1)
                 coefficients = effective.scatter_(1, own, 0.0)
                 row_sums = coefficients.sum(dim=1, keepdim=True).neg_()
                 coefficients.scatter_(1, own, row_sums)
@@ -879,7 +903,7 @@ class Minnorm(torch.optim.Optimizer):
             PendingDualUpdate(example_ids, constraint_values, labels, multipliers, store.version)
         )
         self._pending_batch_size += int(example_ids.numel())
-        term = torch.dot(outputs.reshape(-1), _as_dtype(coefficients, outputs.dtype).reshape(-1))
+        term = torch.dot(outputs.view(-1), _as_dtype(coefficients, outputs.dtype).view(-1))
         return torch.add(term, _as_dtype(constant, outputs.dtype), alpha=constant_scale)
 
     # ------------------------------------------------------------------ stepping
@@ -932,7 +956,7 @@ class Minnorm(torch.optim.Optimizer):
                     updated, current = updated.to(work_dtype), current.to(work_dtype)
                 torch.sub(current, updated, out=updated)
                 # relu, and the soft-margin cap in the same pass.
-                updated.clamp_(min=0.0, max=self.max_multiplier)
+                updated.clamp_(min=0.0, max=self._max_multiplier)
                 # Largest violation max(0, max_j -g_ij) over competing classes: the
                 # own-label column set to 0 stands in for the max with 0.
                 violation = g.neg()
@@ -957,7 +981,61 @@ class Minnorm(torch.optim.Optimizer):
             else:
                 store.scatter(ids, updated)
             self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
-        self.dual_steps += 1
+
+    @contextlib.contextmanager
+    def deferred_dual_updates(self, window_steps: int = DEFERRED_WINDOW_STEPS) -> Iterator[None]:
+        """Within the block, :meth:`step` queues its dual update and the queue is applied
+        in one pass every ``window_steps`` steps and when the block ends.
+
+        The weight steps are unchanged, and the multipliers come out bit for bit as if
+        every step had applied its own update, provided no example id appears twice
+        within a window: a queued example is not read again before its update lands.
+        Use it around one pass over a permutation of the data (one epoch), as
+        ``train.fit`` does. A repeated id is found when the window is applied and
+        raises ``RuntimeError``. Reading results (:meth:`diagnostics`, scores,
+        :meth:`state_dict`, ...) applies the queue first.
+
+        Why: on a CPU a dual update costs mostly the dispatch of a dozen small tensor
+        operations; one pass per window makes it a small share of a training step.
+        """
+        if window_steps < 1:
+            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
+        if self._window_steps is not None:
+            raise RuntimeError("deferred_dual_updates() blocks cannot be nested")
+        self._window_steps = int(window_steps)
+        try:
+            yield
+        finally:
+            self._window_steps = None
+            self.flush_dual_updates()
+
+    def flush_dual_updates(self) -> None:
+        """Apply the queued dual updates of :meth:`deferred_dual_updates` (no-op when none)."""
+        if not self._queued:
+            return
+        queued, self._queued, self._queued_steps = self._queued, [], 0
+        if len(queued) == 1:
+            merged = queued[0]
+        else:
+            store = self.multipliers
+            current = all(u.multipliers is not None and u.store_version == store.version for u in queued)
+            merged = PendingDualUpdate(
+                torch.cat([u.example_ids for u in queued]),
+                torch.cat([u.constraint_values for u in queued]),
+                None if queued[0].labels is None else torch.cat([u.labels for u in queued]),  # type: ignore[misc]
+                torch.cat([u.multipliers for u in queued]) if current else None,  # type: ignore[misc]
+                store.version if current else None,
+            )
+        ids = merged.example_ids
+        if ids.numel() > 1:
+            ordered = ids.sort().values
+            if bool((ordered[1:] == ordered[:-1]).any()):
+                raise RuntimeError(
+                    "an example id appeared twice within one window of deferred_dual_updates(): its "
+                    "multipliers were read before its previous update was applied; defer only over "
+                    "batches of distinct examples (one pass over a permutation)"
+                )
+        self.apply_dual_updates([merged])
 
     def _visit_ones(self, count: int) -> torch.Tensor:
         """A cached ``(count,)`` int32 tensor of ones for the visit counter."""
@@ -997,7 +1075,14 @@ class Minnorm(torch.optim.Optimizer):
                 return value + scale * self.norm_value() if value is not None else value
 
             loss = self.base_optimizer.step(closure_with_norm)
-        self.apply_dual_updates(self.take_pending())
+        self.dual_steps += 1
+        if self._window_steps is None:
+            self.apply_dual_updates(self.take_pending())
+        else:
+            self._queued.extend(self.take_pending())
+            self._queued_steps += 1
+            if self._queued_steps >= self._window_steps:
+                self.flush_dual_updates()
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -1007,6 +1092,7 @@ class Minnorm(torch.optim.Optimizer):
     def accumulate_average(self) -> None:
         """Fold the current multipliers into their running mean over epochs (call once
         per epoch; the mean is the "average" score state of ``train.fit``)."""
+        self.flush_dual_updates()
         count = self.average_epochs
         with torch.no_grad():
             self.multipliers.accumulate_average(count / (count + 1), 1 / (count + 1))
@@ -1016,10 +1102,12 @@ class Minnorm(torch.optim.Optimizer):
     def dense_multipliers(self) -> torch.Tensor:
         """The multipliers as an ``(num_examples, num_outputs)`` tensor (a new tensor of
         that full size for the compact store)."""
+        self.flush_dual_updates()
         return self.multipliers.dense()
 
     def dense_average_multipliers(self) -> torch.Tensor:
         """The running mean over epochs (:meth:`accumulate_average`), ``(num_examples, num_outputs)``."""
+        self.flush_dual_updates()
         return self.multipliers.dense_average()
 
     def mean_violations(self) -> torch.Tensor:
@@ -1027,6 +1115,7 @@ class Minnorm(torch.optim.Optimizer):
         the equality form), each visit floored at ``VIOLATION_FLOOR``: the dual ascent
         before the projection onto ``[0, max_multiplier]``, per step of ``dual_lr``.
         Needs ``track_violations=True``."""
+        self.flush_dual_updates()
         if self.visits is None:
             raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
         if isinstance(self.multipliers, CompactMultiplierStore):
@@ -1037,6 +1126,7 @@ class Minnorm(torch.optim.Optimizer):
 
     def multipliers_finite(self) -> bool:
         """True when no multiplier (nor its running mean) is NaN or inf."""
+        self.flush_dual_updates()
         return self.multipliers.all_finite()
 
     def state_nbytes(self) -> int:
@@ -1053,6 +1143,7 @@ class Minnorm(torch.optim.Optimizer):
 
     def difficulty(self) -> np.ndarray:
         """Per-example difficulty (higher = more suspect), see :func:`scores.difficulty_scores`."""
+        self.flush_dual_updates()
         if isinstance(self.multipliers, CompactMultiplierStore):
             # max over competing classes: the slots hold every nonzero multiplier.
             return self.multipliers.row_max().detach().cpu().numpy().astype(np.float64)
@@ -1062,6 +1153,7 @@ class Minnorm(torch.optim.Optimizer):
 
     def suggested_labels(self) -> np.ndarray:
         """The class the multipliers push each example toward (margin form)."""
+        self.flush_dual_updates()
         if isinstance(self.multipliers, CompactMultiplierStore):
             maxima, classes = self.multipliers.row_argmax()
             return torch.where(maxima > 0, classes, self.labels).cpu().numpy()
@@ -1084,6 +1176,7 @@ class Minnorm(torch.optim.Optimizer):
             of the difficulty scores with those of the previous call;
             ``norm``: ``R(W)``.
         """
+        self.flush_dual_updates()
         violation = self.last_violation
         visited = ~torch.isnan(violation)
         max_violation = float(violation[visited].max()) if bool(visited.any()) else float("nan")
@@ -1116,6 +1209,7 @@ class Minnorm(torch.optim.Optimizer):
         Like ``torch.optim``'s, the tensors are the live ones (no copy: the compact
         store exists to keep memory down); save them before training on, or clone.
         """
+        self.flush_dual_updates()
         return {
             "base": self.base_optimizer.state_dict(),
             "minnorm": {
@@ -1167,6 +1261,7 @@ class Minnorm(torch.optim.Optimizer):
         # load_state_dict of the base rebuilds its param_groups list; share it again.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
+        self._queued, self._queued_steps = [], 0  # updates of the state being replaced
         self.margin = float(saved["margin"])
         self.dual_lr = float(saved["dual_lr"])
         self.damping = float(saved["damping"])

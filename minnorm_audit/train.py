@@ -389,17 +389,19 @@ def train_one_epoch(
     order = torch.randperm(len(source), generator=batch_generator)
     global_batches = list(order.split(batch_size))
     local_batches = [distributed.rank_slice(batch, context) for batch in global_batches]
-    for global_batch, (batch_ids, batch_inputs) in zip(global_batches, source.iterate(local_batches)):
-        with autocast_context(batch_inputs.device):
-            outputs = model(batch_inputs)
-        loss = optimizer.lagrangian(outputs, targets.index_select(0, batch_ids), batch_ids)
-        if context.enabled:
-            # DDP averages gradients; the Lagrangian is a sum over the global batch.
-            loss = loss * context.world_size
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        distributed.merge_pending(optimizer, global_batch, context)
-        optimizer.step()
+    # Every example once per epoch: the dual updates may be applied a window at a time.
+    with optimizer.deferred_dual_updates():
+        for global_batch, (batch_ids, batch_inputs) in zip(global_batches, source.iterate(local_batches)):
+            with autocast_context(batch_inputs.device):
+                outputs = model(batch_inputs)
+            loss = optimizer.lagrangian(outputs, targets.index_select(0, batch_ids), batch_ids)
+            if context.enabled:
+                # DDP averages gradients; the Lagrangian is a sum over the global batch.
+                loss = loss * context.world_size
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.merge_pending(optimizer, global_batch, context)
+            optimizer.step()
 
 
 @torch.no_grad()
