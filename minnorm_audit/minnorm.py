@@ -52,9 +52,10 @@ from torch import nn
 
 ConstraintForm = Literal["margin", "equality"]
 
-# Steps whose dual updates Minnorm.deferred_dual_updates() applies in one pass: each
-# update is a dozen small tensor operations that cost mostly dispatch on a CPU.
-DEFERRED_WINDOW_STEPS = 16
+# Examples whose dual updates Minnorm.deferred_dual_updates() applies in one pass (64
+# batches of 128): each pass is a dozen small tensor operations whose cost on a CPU is
+# mostly dispatch, whatever the number of rows.
+DEFERRED_WINDOW_EXAMPLES = 8192
 
 _NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -721,8 +722,8 @@ class Minnorm(torch.optim.Optimizer):
         self._pending_batch_size = 0
         # Dual updates of finished steps not applied yet (see deferred_dual_updates).
         self._queued: list[PendingDualUpdate] = []
-        self._queued_steps = 0
-        self._window_steps: int | None = None
+        self._queued_examples = 0
+        self._window_examples: int | None = None
         self._max_multiplier: float | None = None
         self._previous_scores: np.ndarray | None = None
         self.dual_steps = 0
@@ -973,9 +974,10 @@ class Minnorm(torch.optim.Optimizer):
             if self.visits is not None:
                 if self.form == "equality":
                     increment = g.float().clamp(min=VIOLATION_FLOOR)
-                self.visits.index_add_(0, ids, self._visit_ones(ids.numel()))
+                # index_put_ with accumulate: index_add_ of 2-D rows loops row by row on a CPU.
+                self.visits.index_put_((ids,), self._visit_ones(ids.numel()), accumulate=True)
                 if self.violation_sums is not None:
-                    self.violation_sums.index_add_(0, ids, increment)
+                    self.violation_sums.index_put_((ids,), increment, accumulate=True)
             if isinstance(store, CompactMultiplierStore):
                 store.scatter(ids, updated, increment)
             else:
@@ -983,9 +985,9 @@ class Minnorm(torch.optim.Optimizer):
             self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
 
     @contextlib.contextmanager
-    def deferred_dual_updates(self, window_steps: int = DEFERRED_WINDOW_STEPS) -> Iterator[None]:
+    def deferred_dual_updates(self, window_examples: int = DEFERRED_WINDOW_EXAMPLES) -> Iterator[None]:
         """Within the block, :meth:`step` queues its dual update and the queue is applied
-        in one pass every ``window_steps`` steps and when the block ends.
+        in one pass once it holds ``window_examples`` examples, and when the block ends.
 
         The weight steps are unchanged, and the multipliers come out bit for bit as if
         every step had applied its own update, provided no example id appears twice
@@ -998,22 +1000,22 @@ class Minnorm(torch.optim.Optimizer):
         Why: on a CPU a dual update costs mostly the dispatch of a dozen small tensor
         operations; one pass per window makes it a small share of a training step.
         """
-        if window_steps < 1:
-            raise ValueError(f"window_steps must be >= 1, got {window_steps}")
-        if self._window_steps is not None:
+        if window_examples < 1:
+            raise ValueError(f"window_examples must be >= 1, got {window_examples}")
+        if self._window_examples is not None:
             raise RuntimeError("deferred_dual_updates() blocks cannot be nested")
-        self._window_steps = int(window_steps)
+        self._window_examples = int(window_examples)
         try:
             yield
         finally:
-            self._window_steps = None
+            self._window_examples = None
             self.flush_dual_updates()
 
     def flush_dual_updates(self) -> None:
         """Apply the queued dual updates of :meth:`deferred_dual_updates` (no-op when none)."""
         if not self._queued:
             return
-        queued, self._queued, self._queued_steps = self._queued, [], 0
+        queued, self._queued, self._queued_examples = self._queued, [], 0
         if len(queued) == 1:
             merged = queued[0]
         else:
@@ -1028,7 +1030,8 @@ class Minnorm(torch.optim.Optimizer):
             )
         ids = merged.example_ids
         if ids.numel() > 1:
-            ordered = ids.sort().values
+            # numpy's sort is several times faster than torch's for a CPU tensor this size.
+            ordered = np.sort(ids.numpy()) if ids.device.type == "cpu" else ids.sort().values
             if bool((ordered[1:] == ordered[:-1]).any()):
                 raise RuntimeError(
                     "an example id appeared twice within one window of deferred_dual_updates(): its "
@@ -1076,12 +1079,12 @@ class Minnorm(torch.optim.Optimizer):
 
             loss = self.base_optimizer.step(closure_with_norm)
         self.dual_steps += 1
-        if self._window_steps is None:
+        if self._window_examples is None:
             self.apply_dual_updates(self.take_pending())
         else:
+            self._queued_examples += self._pending_batch_size
             self._queued.extend(self.take_pending())
-            self._queued_steps += 1
-            if self._queued_steps >= self._window_steps:
+            if self._queued_examples >= self._window_examples:
                 self.flush_dual_updates()
         return loss
 
@@ -1261,7 +1264,7 @@ class Minnorm(torch.optim.Optimizer):
         # load_state_dict of the base rebuilds its param_groups list; share it again.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self._queued, self._queued_steps = [], 0  # updates of the state being replaced
+        self._queued, self._queued_examples = [], 0  # updates of the state being replaced
         self.margin = float(saved["margin"])
         self.dual_lr = float(saved["dual_lr"])
         self.damping = float(saved["damping"])

@@ -288,7 +288,7 @@ def test_rejects_bad_settings():
         Minnorm(object(), num_examples=2, num_outputs=1)
 
 
-def epoch_runs(*, store: str, slots: int | None, defer: bool, window: int = 3, epochs: int = 4):
+def epoch_runs(*, store: str, slots: int | None, defer: bool, window: int = 40, epochs: int = 4):
     """Minibatch epochs over seeded permutations, dual updates applied per step or deferred."""
     torch.manual_seed(0)
     inputs, labels = torch.randn(90, 6), torch.randint(0, 5, (90,))
@@ -340,7 +340,7 @@ def test_deferred_queue_is_applied_before_any_read_and_a_repeat_is_refused():
         optimizer.lagrangian(model(inputs[batch]), labels[batch], batch).backward()
         optimizer.step()
 
-    with optimizer.deferred_dual_updates(window_steps=10):
+    with optimizer.deferred_dual_updates(window_examples=100):
         step(torch.arange(0, 4))
         assert optimizer._queued  # queued, not applied yet
         queued_ids = optimizer._queued[0].example_ids
@@ -351,6 +351,6 @@ def test_deferred_queue_is_applied_before_any_read_and_a_repeat_is_refused():
         optimizer.max_multiplier = 0.25  # queued steps keep the bound they were taken under
         assert not optimizer._queued
     with pytest.raises(RuntimeError, match="appeared twice within one window"):
-        with optimizer.deferred_dual_updates(window_steps=10):
+        with optimizer.deferred_dual_updates(window_examples=100):
             step(torch.arange(0, 4))
             step(torch.arange(2, 6))
