@@ -49,6 +49,13 @@ from .streaming import LazyImages, build_streamed_model
 from .train import FitResult, TrainConfig, fit
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# Scoring reads the trained state in blocks of about this many examples x classes
+# (32 MB per float64 temporary).
+SCORE_BLOCK_ELEMENTS = 1 << 22
+# examples.parquet's class_multipliers column (one float per class and example) is
+# written up to this many classes: at 1,000 classes and a million examples it alone
+# would be 4 GB.
+CLASS_MULTIPLIERS_MAX_CLASSES = 100
 STOPPING_RULE = (
     "fixed budget of {epochs} epochs (dual time dual_lr x epochs = {dual_time:g}){cap}; "
     "scores read from {state}"
@@ -390,12 +397,31 @@ def score_classification(
     """The examples table of a classification audit."""
     labels = loaded.targets.numpy().astype(np.int64)
     class_count = len(loaded.class_names)
-    per_class, direction = scored_state(result, labels, class_count, settings.train.score_state)
-    # The total of a violation state is the total positive push (the max skips -inf).
-    summed = direction if settings.train.score_state == "violation" and settings.statistic == "sum" else per_class
-    difficulty = difficulty_scores(summed, statistic=settings.statistic)  # type: ignore[arg-type]
-    concentration = label_concentration(direction)
-    competing = suggested_labels(direction, labels)
+    count = len(labels)
+    difficulty = np.empty(count, dtype=np.float64)
+    concentration = np.empty(count, dtype=np.float64)
+    competing = np.empty(count, dtype=np.int64)
+    keep_class_multipliers = class_count <= CLASS_MULTIPLIERS_MAX_CLASSES
+    class_multipliers: list[np.ndarray] = []
+    # A block of rows at a time: an examples x classes table in float64 would not fit
+    # in memory for an ImageNet-size audit.
+    block_rows = max(1, SCORE_BLOCK_ELEMENTS // max(class_count, 1))
+    for start in range(0, count, block_rows):
+        stop = min(count, start + block_rows)
+        block_labels = labels[start:stop]
+        per_class, direction = scored_state(result, block_labels, class_count, settings.train.score_state, start)
+        # The total of a violation state is the total positive push (the max skips -inf).
+        summed = direction if settings.train.score_state == "violation" and settings.statistic == "sum" else per_class
+        difficulty[start:stop] = difficulty_scores(summed, statistic=settings.statistic)  # type: ignore[arg-type]
+        concentration[start:stop] = label_concentration(direction)
+        competing[start:stop] = suggested_labels(direction, block_labels)
+        if keep_class_multipliers:
+            final = class_mass(result.state_rows("final", start, stop), block_labels, class_count)
+            class_multipliers.extend(final.astype(np.float32))
+    margins = result.final_margins
+    if margins is None:
+        assert result.final_outputs is not None
+        margins = final_margins(result.final_outputs, labels)
     if settings.train.score_state == "violation":
         # Difficulty is in logit units here: difficulty - margin is how far, averaged over
         # training, the network preferred the competing class over the given label. The
@@ -434,18 +460,20 @@ def score_classification(
             "difficulty_percentile": percentile_ranks(difficulty),
             "flag": pd.array(flags, dtype="string"),
             "label_concentration": concentration,
-            "margin": final_margins(result.final_outputs, labels),
-            "class_multipliers": list(class_mass(result.final_multipliers, labels, class_count).astype(np.float32)),
+            "margin": margins,
         }
     )
+    if keep_class_multipliers:
+        examples["class_multipliers"] = class_multipliers
     return examples, rule
 
 
 def scored_state(
-    result: FitResult, labels: np.ndarray, class_count: int, state: str
+    result: FitResult, labels: np.ndarray, class_count: int, state: str, start: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-class scores ``(n, K)`` and the per-class push ``(n, K)`` that the suggested
-    label and ``label_concentration`` are read from (both 0 on the own-label column).
+    label and ``label_concentration`` are read from (both 0 on the own-label column),
+    for the examples ``start : start + len(labels)``.
 
     ``"violation"``: the mean violation per competing class (train.SCORE_STATES); the
     own-label column is set below every competing one so the max ignores it, and the
@@ -454,15 +482,16 @@ def scored_state(
     class pushes on every example, and blurs the direction.
     """
     rows = np.arange(len(labels))
+    stop = start + len(labels)
     if state == "violation":
         # Binary single output: class_mass puts its one column on the competing class.
-        violations = class_mass(result.scored_multipliers(state), labels, class_count)
+        violations = class_mass(result.state_rows(state, start, stop), labels, class_count)
         violations[rows, labels] = -np.inf
         push = np.clip(violations, 0.0, None)
         push[rows, labels] = 0.0
         return violations, push
-    per_class = class_mass(result.scored_multipliers(state), labels, class_count)
-    return per_class, class_mass(result.final_multipliers, labels, class_count)
+    per_class = class_mass(result.state_rows(state, start, stop), labels, class_count)
+    return per_class, class_mass(result.state_rows("final", start, stop), labels, class_count)
 
 
 def score_regression(

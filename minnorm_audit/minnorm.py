@@ -189,6 +189,10 @@ class DenseMultiplierStore:
     def dense_average(self) -> torch.Tensor:
         return self.average
 
+    def rows(self, start: int, stop: int, *, average: bool = False) -> torch.Tensor:
+        """Examples ``start:stop`` as ``(rows, width)`` (a view)."""
+        return (self.average if average else self.values)[start:stop]
+
     def accumulate_average(self, keep: float, add: float) -> None:
         """``average <- keep * average + add * values``."""
         self.average.mul_(keep).add_(self.values, alpha=add)
@@ -366,16 +370,21 @@ class CompactMultiplierStore:
 
     def dense_mean_violations(self, visits: torch.Tensor, missing: float) -> torch.Tensor:
         """``(num_examples, width)`` mean violations; classes without a slot get ``missing``."""
-        if self.violation_sums is None:
-            raise RuntimeError("call track_violations() first")
         dense = torch.full((self.num_examples, self.width), missing, device=self.device, dtype=torch.float32)
         for start in range(0, self.num_examples, _CHUNK_ROWS):
             rows = slice(start, start + _CHUNK_ROWS)
-            block = torch.full((dense[rows].shape[0], self.width + 1), missing, device=self.device)
-            means = self.violation_sums[rows] / visits[rows].clamp(min=1).unsqueeze(1).float()
-            block.scatter_(1, self.classes[rows].long(), means)
-            dense[rows] = block[:, : self.width]
+            dense[rows] = self.mean_violation_rows(visits, missing, start, start + _CHUNK_ROWS)
         return dense
+
+    def mean_violation_rows(self, visits: torch.Tensor, missing: float, start: int, stop: int) -> torch.Tensor:
+        """Examples ``start:stop`` of :meth:`dense_mean_violations`."""
+        if self.violation_sums is None:
+            raise RuntimeError("call track_violations() first")
+        rows = slice(start, stop)
+        means = self.violation_sums[rows] / visits[rows].clamp(min=1).unsqueeze(1).float()
+        block = torch.full((means.shape[0], self.width + 1), missing, device=self.device)
+        block.scatter_(1, self.classes[rows].long(), means)
+        return block[:, : self.width]
 
     def _dense_of(self, slot_values: torch.Tensor) -> torch.Tensor:
         dense = slot_values.new_zeros(self.num_examples, self.width)
@@ -387,6 +396,11 @@ class CompactMultiplierStore:
     def dense(self) -> torch.Tensor:
         """A new ``(num_examples, width)`` tensor: as large as the dense store."""
         return self._dense_of(self.values)
+
+    def rows(self, start: int, stop: int, *, average: bool = False) -> torch.Tensor:
+        """Examples ``start:stop`` expanded to ``(rows, width)``."""
+        slot_values = self.average if average else self.values
+        return self._expand(self.classes[start:stop], slot_values[start:stop])
 
     def dense_average(self) -> torch.Tensor:
         return self._dense_of(self.average)
@@ -1126,6 +1140,24 @@ class Minnorm(torch.optim.Optimizer):
             return self.multipliers.dense_mean_violations(self.visits, VIOLATION_FLOOR)
         assert self.violation_sums is not None
         return self.violation_sums / self.visits.clamp(min=1).unsqueeze(1).float()
+
+    def state_rows(self, state: str, start: int, stop: int) -> torch.Tensor:
+        """Examples ``start:stop`` of one state, ``(rows, num_outputs)`` in float32:
+        ``"final"`` multipliers, their ``"average"`` over epochs, or the mean
+        ``"violation"`` (:meth:`mean_violations`). Reading a large dataset's scores a
+        block of rows at a time never builds the full examples x classes table."""
+        self.flush_dual_updates()
+        store = self.multipliers
+        if state in ("final", "average"):
+            return store.rows(start, stop, average=state == "average").float()
+        if state != "violation":
+            raise ValueError(f"unknown state {state!r}: use final, average or violation")
+        if self.visits is None:
+            raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
+        if isinstance(store, CompactMultiplierStore):
+            return store.mean_violation_rows(self.visits, VIOLATION_FLOOR, start, stop)
+        assert self.violation_sums is not None
+        return self.violation_sums[start:stop] / self.visits[start:stop].clamp(min=1).unsqueeze(1).float()
 
     def multipliers_finite(self) -> bool:
         """True when no multiplier (nor its running mean) is NaN or inf."""

@@ -72,14 +72,26 @@ class TrainConfig:
         return asdict(self)
 
 
+# FitResult holds full examples x outputs arrays up to this many elements (256 MB each
+# in float32). Beyond it (an ImageNet-size audit: 1.28M x 1000 would be 5 GB per array)
+# they stay None and scoring reads the trained state a block of rows at a time.
+DENSE_RESULT_ELEMENTS = 1 << 26
+
+
 @dataclass
 class FitResult:
-    """What training leaves behind for scoring."""
+    """What training leaves behind for scoring.
 
-    final_multipliers: np.ndarray
-    average_multipliers: np.ndarray
+    The per-class arrays (``final_multipliers``, ``average_multipliers``,
+    ``mean_violations``, ``final_outputs``) are None above ``DENSE_RESULT_ELEMENTS``;
+    :meth:`state_rows` reads any state in blocks either way, and ``final_margins``
+    holds what scoring needs of the outputs.
+    """
+
+    final_multipliers: np.ndarray | None
+    average_multipliers: np.ndarray | None
     labels: np.ndarray | None
-    final_outputs: np.ndarray
+    final_outputs: np.ndarray | None
     history: list[dict[str, float]] = field(default_factory=list)
     epochs_run: int = 0
     train_seconds: float = 0.0
@@ -87,18 +99,38 @@ class FitResult:
     data_placement: str = "device"
     world_size: int = 1
     mean_violations: np.ndarray | None = None
+    # Classification: given-label output minus the best other output, per example.
+    final_margins: np.ndarray | None = None
+    # The trained Minnorm, read by state_rows() when the arrays above were not built.
+    minnorm: Minnorm | None = field(default=None, repr=False)
+
+    def state_rows(self, state: str, start: int, stop: int) -> np.ndarray:
+        """Examples ``start:stop`` of one state (:data:`SCORE_STATES`), ``(rows, outputs)``."""
+        if state not in SCORE_STATES:
+            raise ValueError(f"score_state must be one of {', '.join(SCORE_STATES)}, got {state!r}")
+        array = {"final": self.final_multipliers, "average": self.average_multipliers,
+                 "violation": self.mean_violations}[state]
+        if array is not None:
+            return array[start:stop]
+        if state == "violation" and (self.minnorm is None or self.minnorm.visits is None):
+            raise ValueError("this run did not track violations (score_state was not 'violation')")
+        if self.minnorm is None:
+            raise ValueError(f"this result holds no {state!r} state")
+        return self.minnorm.state_rows(state, start, stop).detach().cpu().numpy()
 
     def scored_multipliers(self, state: str) -> np.ndarray:
-        """The state the scores are read from (one of :data:`SCORE_STATES`)."""
-        if state == "final":
-            return self.final_multipliers
-        if state == "average":
-            return self.average_multipliers
-        if state == "violation":
-            if self.mean_violations is None:
-                raise ValueError("this run did not track violations (score_state was not 'violation')")
-            return self.mean_violations
-        raise ValueError(f"score_state must be one of {', '.join(SCORE_STATES)}, got {state!r}")
+        """The whole state the scores are read from (one of :data:`SCORE_STATES`); for a
+        large run prefer :meth:`state_rows`, which never builds the full table."""
+        return self.state_rows(state, 0, self.num_examples)
+
+    @property
+    def num_examples(self) -> int:
+        if self.minnorm is not None:
+            return self.minnorm.num_examples
+        for array in (self.final_multipliers, self.average_multipliers, self.mean_violations, self.final_outputs):
+            if array is not None:
+                return int(array.shape[0])
+        raise ValueError("this result holds no per-example state")
 
 
 # Which state of the multipliers is scored. Chosen on the TUNING part of the
@@ -353,21 +385,39 @@ def fit(
         bar.close()
     train_seconds = time.perf_counter() - started
 
-    final_outputs = predict(model, source, config.batch_size, context)
+    # Full examples x outputs arrays only while they are small; scoring reads larger
+    # runs from the optimizer in blocks (FitResult.state_rows).
+    dense_result = form == "equality" or num_examples * num_outputs <= DENSE_RESULT_ELEMENTS
+    if dense_result:
+        final_outputs = predict(model, source, config.batch_size, context)
+        final_margins = (
+            None if form == "equality" else output_margins(torch.from_numpy(final_outputs), targets.cpu()).numpy()
+        )
+    else:
+        final_outputs = None
+        final_margins = predict(model, source, config.batch_size, context, margins_for=targets)
     source.close()
     labels = None if form == "equality" else targets.detach().cpu().numpy().astype(np.int64)
+
+    def dense(state: str) -> np.ndarray | None:
+        if not dense_result or (state == "violation" and optimizer.visits is None):
+            return None
+        return optimizer.state_rows(state, 0, num_examples).detach().cpu().numpy()
+
     return FitResult(
-        final_multipliers=optimizer.dense_multipliers().detach().float().cpu().numpy(),
-        average_multipliers=optimizer.dense_average_multipliers().detach().float().cpu().numpy(),
+        final_multipliers=dense("final"),
+        average_multipliers=dense("average"),
         labels=labels,
         final_outputs=final_outputs,
+        final_margins=final_margins,
+        minnorm=optimizer,
         history=history,
         epochs_run=len(history),
         train_seconds=train_seconds,
         device=str(device),
         data_placement=source.placement,
         world_size=context.world_size,
-        mean_violations=None if optimizer.visits is None else optimizer.mean_violations().cpu().numpy(),
+        mean_violations=dense("violation"),
     )
 
 
@@ -404,14 +454,30 @@ def train_one_epoch(
             optimizer.step()
 
 
+def output_margins(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Given-label output minus the best other output, float64 on the outputs' device
+    (binary single output: the signed output)."""
+    outputs = outputs.double().reshape(outputs.shape[0], -1)
+    labels = labels.long().reshape(-1, 1).to(outputs.device)
+    if outputs.shape[1] == 1:
+        return ((2 * labels - 1) * outputs)[:, 0]
+    own = outputs.gather(1, labels)[:, 0]
+    others = outputs.scatter(1, labels, float("-inf")).amax(dim=1)
+    return own - others
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
     source: BatchSource | torch.Tensor,
     batch_size: int,
     context: distributed.DistributedContext | None = None,
+    *,
+    margins_for: torch.Tensor | None = None,
 ) -> np.ndarray:
-    """Network outputs for every example, as float32 numpy (batch-wise, eval mode).
+    """Network outputs for every example, as float32 numpy (batch-wise, eval mode);
+    with ``margins_for`` (the labels) only each example's margin (:func:`output_margins`),
+    so an examples x classes table is never built.
 
     In a torchrun launch each rank predicts a contiguous shard and the shards are
     gathered, so every rank returns all outputs.
@@ -424,17 +490,25 @@ def predict(
     shards = torch.tensor_split(torch.arange(len(source)), context.world_size)
     shard = shards[context.rank]
     outputs = []
-    for _, batch_inputs in source.iterate(list(shard.split(max(batch_size, 512)))):
+    for batch_ids, batch_inputs in source.iterate(list(shard.split(max(batch_size, 512)))):
         with autocast_context(batch_inputs.device):
             batch_outputs = model(batch_inputs)
-        outputs.append(batch_outputs.float().reshape(batch_outputs.shape[0], -1))
+        batch_outputs = batch_outputs.float().reshape(batch_outputs.shape[0], -1)
+        if margins_for is not None:
+            batch_labels = margins_for.index_select(0, batch_ids.to(margins_for.device))
+            batch_outputs = output_margins(batch_outputs, batch_labels).unsqueeze(1)
+        outputs.append(batch_outputs)
     model.train(was_training)
-    if context.enabled:
+    if margins_for is not None:
+        width = 1
+    else:
         width = _output_width(model, source) if not outputs else outputs[0].shape[1]
+    if context.enabled:
         local = torch.cat(outputs) if outputs else torch.zeros((0, width), device=_model_device(model))
-        gathered = distributed.gather_rows(local, [int(part.numel()) for part in shards], context)
-        return gathered.cpu().numpy()
-    return torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, 0), dtype=np.float32)
+        gathered = distributed.gather_rows(local, [int(part.numel()) for part in shards], context).cpu().numpy()
+    else:
+        gathered = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, width), dtype=np.float32)
+    return gathered[:, 0] if margins_for is not None else gathered
 
 
 def _parameter_dtype(model: nn.Module) -> torch.dtype:

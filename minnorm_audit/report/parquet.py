@@ -89,7 +89,10 @@ EXAMPLES_DESCRIPTIONS: dict[str, str] = {
         "spread evenly over the other classes, 1 all on one."
     ),
     "margin": "Output for the given label minus the best other output, at the end of training.",
-    "class_multipliers": "Final multiplier per class, in the order of class_names in the metadata.",
+    "class_multipliers": (
+        "Final multiplier per class, in the order of class_names in the metadata (written for "
+        "up to 100 classes)."
+    ),
 }
 
 SET_ASIDE_DESCRIPTIONS: dict[str, str] = {

@@ -1,0 +1,71 @@
+"""Scoring a large run block by block gives the audit that full arrays give.
+
+Above ``train.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
+arrays and the audit reads the trained state in blocks of about
+``audit.SCORE_BLOCK_ELEMENTS`` examples x classes. Here both limits are lowered so that a small run takes that path, and its
+examples table must equal the one scored from full arrays.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import minnorm_audit
+from minnorm_audit import train as train_module
+
+# The module, not the audit() function the package exports under the same name.
+audit_module = importlib.import_module("minnorm_audit.audit")
+
+
+def flipped_digits(count: int = 600, flips: int = 60):
+    datasets = pytest.importorskip("sklearn.datasets")
+    features, labels = datasets.load_digits(return_X_y=True)
+    features, labels = features[:count].astype(np.float32), labels[:count].copy()
+    rng = np.random.default_rng(1)
+    flipped = rng.choice(count, flips, replace=False)
+    labels[flipped] = (labels[flipped] + rng.integers(1, 10, size=flips)) % 10
+    return features, labels, flipped
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"multiplier_store": "dense"},
+        {"multiplier_store": "compact", "multiplier_slots": 3},
+        {"multiplier_store": "dense", "score_state": "average"},
+    ],
+    ids=["dense-violation", "compact-violation", "dense-average"],
+)
+def test_blockwise_scoring_equals_scoring_from_full_arrays(tmp_path, monkeypatch, options):
+    features, labels, flipped = flipped_digits()
+    settings = dict(epochs=6, device="cpu", seed=0, deterministic=True, **options)
+    whole = minnorm_audit.audit((features, labels), out=tmp_path / "whole", **settings)
+
+    monkeypatch.setattr(train_module, "DENSE_RESULT_ELEMENTS", 0)
+    monkeypatch.setattr(audit_module, "SCORE_BLOCK_ELEMENTS", 1280)  # 128 rows: 5 blocks, the last partial
+    fitted = []
+    original_fit = audit_module.fit
+    monkeypatch.setattr(audit_module, "fit", lambda *a, **k: fitted.append(original_fit(*a, **k)) or fitted[-1])
+    blocks = minnorm_audit.audit((features, labels), out=tmp_path / "blocks", **settings)
+
+    result = fitted[0]
+    assert result.final_multipliers is None and result.mean_violations is None and result.final_outputs is None
+    assert result.final_margins is not None and result.final_margins.shape == (len(labels),)
+    pd.testing.assert_frame_equal(blocks.examples, whole.examples)
+    # Not a vacuous comparison: the run found the flips.
+    top = np.argsort(-whole.examples["difficulty"].to_numpy())[: len(flipped)]
+    assert len(set(top) & set(flipped)) >= 0.6 * len(flipped)
+
+
+def test_class_multipliers_column_is_left_out_above_its_class_limit(tmp_path, monkeypatch):
+    features, labels, _ = flipped_digits(300, 30)
+    monkeypatch.setattr(audit_module, "CLASS_MULTIPLIERS_MAX_CLASSES", 5)
+    result = minnorm_audit.audit((features, labels), out=tmp_path / "run", epochs=2, device="cpu")
+    assert "class_multipliers" not in result.examples.columns
+    written = pd.read_parquet(tmp_path / "run" / "examples.parquet")
+    assert "class_multipliers" not in written.columns
+    assert {"difficulty", "flag", "suggested_label", "margin"} <= set(written.columns)
