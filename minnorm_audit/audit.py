@@ -46,7 +46,7 @@ from .scores import (
     suggested_labels,
 )
 from .streaming import LazyImages, build_streamed_model
-from .train import FitResult, TrainConfig, fit
+from .train import FitResult, TrainConfig, fit, output_margins
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Scoring reads the trained state in blocks of about this many examples x classes
@@ -419,9 +419,10 @@ def score_classification(
             final = class_mass(result.state_rows("final", start, stop), block_labels, class_count)
             class_multipliers.extend(final.astype(np.float32))
     margins = result.final_margins
-    if margins is None:
-        assert result.final_outputs is not None
-        margins = final_margins(result.final_outputs, labels)
+    if margins is None:  # a FitResult built by hand, with the outputs only
+        if result.final_outputs is None:
+            raise ValueError("the fit result holds neither final_margins nor final_outputs")
+        margins = output_margins(torch.from_numpy(result.final_outputs), torch.from_numpy(labels)).numpy()
     if settings.train.score_state == "violation":
         # Difficulty is in logit units here: difficulty - margin is how far, averaged over
         # training, the network preferred the competing class over the given label. The
@@ -532,16 +533,6 @@ def class_mass(multipliers: np.ndarray, labels: np.ndarray, class_count: int) ->
         per_class[np.arange(len(labels)), 1 - labels] = multipliers[:, 0]
         return per_class
     return multipliers.astype(np.float64)
-
-
-def final_margins(outputs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Given-label output minus the best other output (binary: signed output)."""
-    if outputs.shape[1] == 1:
-        return (2 * labels - 1) * outputs[:, 0].astype(np.float64)
-    own = outputs[np.arange(len(labels)), labels]
-    others = outputs.astype(np.float64).copy()
-    others[np.arange(len(labels)), labels] = -np.inf
-    return own - others.max(axis=1)
 
 
 def build_summary(

@@ -499,15 +499,18 @@ def predict(
             batch_outputs = output_margins(batch_outputs, batch_labels).unsqueeze(1)
         outputs.append(batch_outputs)
     model.train(was_training)
-    if margins_for is not None:
-        width = 1
-    else:
-        width = _output_width(model, source) if not outputs else outputs[0].shape[1]
     if context.enabled:
-        local = torch.cat(outputs) if outputs else torch.zeros((0, width), device=_model_device(model))
+        if outputs:
+            local = torch.cat(outputs)
+        elif margins_for is not None:  # every rank must send the same dtype and width
+            local = torch.zeros((0, 1), dtype=torch.float64, device=_model_device(model))
+        else:
+            local = torch.zeros((0, _output_width(model, source)), device=_model_device(model))
         gathered = distributed.gather_rows(local, [int(part.numel()) for part in shards], context).cpu().numpy()
+    elif outputs:
+        gathered = torch.cat(outputs).cpu().numpy()
     else:
-        gathered = torch.cat(outputs).cpu().numpy() if outputs else np.zeros((0, width), dtype=np.float32)
+        gathered = np.zeros((0, 1 if margins_for is not None else 0), dtype=np.float32)
     return gathered[:, 0] if margins_for is not None else gathered
 
 
