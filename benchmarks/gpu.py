@@ -74,7 +74,10 @@ def synchronize(device: torch.device) -> None:
 def step_times(images: np.ndarray, labels: np.ndarray, device: torch.device, batch_size: int,
                blocks: int, steps_per_block: int) -> tuple[float, float]:
     """Median seconds per step of a Minnorm step and of a plain cross-entropy Adam step,
-    same model, batch and autocast, timed in interleaved blocks."""
+    same model, batch and autocast, timed in interleaved blocks.
+
+    The same batch every step, so each dual update is applied at its step (fit() queues
+    them, ``Minnorm.deferred_dual_updates``): an upper bound on fit()'s step."""
     inputs = torch.from_numpy(images[: max(batch_size, 1024)])
     torch.manual_seed(0)
     model = build_model("auto", inputs, NUM_CLASSES).to(device)

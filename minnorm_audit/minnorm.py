@@ -52,10 +52,14 @@ from torch import nn
 
 ConstraintForm = Literal["margin", "equality"]
 
-# Examples whose dual updates Minnorm.deferred_dual_updates() applies in one pass (64
-# batches of 128): each pass is a dozen small tensor operations whose cost on a CPU is
-# mostly dispatch, whatever the number of rows.
+# Minnorm.deferred_dual_updates() applies the queued dual updates in one pass once they
+# cover this many examples (64 batches of 128): each pass is a dozen small tensor
+# operations whose cost on a CPU is mostly dispatch, whatever the number of rows...
 DEFERRED_WINDOW_EXAMPLES = 8192
+# ...or this many examples x outputs (1 MB per float32 table): a pass over tables that
+# spill out of the CPU caches costs more than the dispatch it saves (with 1000 classes
+# every batch of 512 is applied at its step, as without the queue).
+DEFERRED_WINDOW_ELEMENTS = 1 << 18
 
 _NORMALIZATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._NormBase,
@@ -988,10 +992,9 @@ class Minnorm(torch.optim.Optimizer):
             if self.visits is not None:
                 if self.form == "equality":
                     increment = g.float().clamp(min=VIOLATION_FLOOR)
-                # index_put_ with accumulate: index_add_ of 2-D rows loops row by row on a CPU.
-                self.visits.index_put_((ids,), self._visit_ones(ids.numel()), accumulate=True)
+                self.visits.index_add_(0, ids, self._visit_ones(ids.numel()))
                 if self.violation_sums is not None:
-                    self.violation_sums.index_put_((ids,), increment, accumulate=True)
+                    self.violation_sums.index_add_(0, ids, increment)
             if isinstance(store, CompactMultiplierStore):
                 store.scatter(ids, updated, increment)
             else:
@@ -1001,7 +1004,8 @@ class Minnorm(torch.optim.Optimizer):
     @contextlib.contextmanager
     def deferred_dual_updates(self, window_examples: int = DEFERRED_WINDOW_EXAMPLES) -> Iterator[None]:
         """Within the block, :meth:`step` queues its dual update and the queue is applied
-        in one pass once it holds ``window_examples`` examples, and when the block ends.
+        in one pass once it holds ``window_examples`` examples (or
+        ``DEFERRED_WINDOW_ELEMENTS`` examples x outputs), and when the block ends.
 
         The weight steps are unchanged, and the multipliers come out bit for bit as if
         every step had applied its own update, provided no example id appears twice
@@ -1098,7 +1102,10 @@ class Minnorm(torch.optim.Optimizer):
         else:
             self._queued_examples += self._pending_batch_size
             self._queued.extend(self.take_pending())
-            if self._queued_examples >= self._window_examples:
+            if (
+                self._queued_examples >= self._window_examples
+                or self._queued_examples * self.num_outputs >= DEFERRED_WINDOW_ELEMENTS
+            ):
                 self.flush_dual_updates()
         return loss
 
