@@ -877,8 +877,8 @@ class Minnorm(torch.optim.Optimizer):
             multipliers = store.gather(example_ids)
         except IndexError:  # index_select checks the range (on a GPU: a device-side assert)
             raise IndexError(f"example ids must lie in [0, {self.num_examples})") from None
-        # Same arithmetic (and rounding) as ``multipliers -/+ damping * g`` in the wider
-        # dtype. Every tensor here is detached: no graph is built.
+        # Worked in the wider of the two dtypes. Every tensor here is detached: no graph
+        # is built.
         work_dtype = multipliers.dtype
         if work_dtype != outputs.dtype:
             work_dtype = torch.promote_types(work_dtype, outputs.dtype)
@@ -898,11 +898,7 @@ class Minnorm(torch.optim.Optimizer):
                 labels = labels.to(self.device, torch.long)
             if labels.ndim != 1:
                 labels = labels.reshape(-1)
-            if self.num_outputs == 1:
-                constraint_values = self._margin_values(detached, labels)
-            else:
-                own = labels.unsqueeze(1)
-                constraint_values = torch.sub(detached.gather(1, own), detached).sub_(self.margin)
+            constraint_values = self._margin_values(detached, labels)
             # lambda - damping * g in one pass (promoted to the wider dtype), then relu.
             effective = torch.add(multipliers, constraint_values, alpha=-self.damping).relu_()
             if self.num_outputs == 1:
@@ -913,6 +909,7 @@ class Minnorm(torch.optim.Optimizer):
                 constant_scale = self.margin
             else:
                 # -sum_j lambda_eff_j (f_y - f_j - m): d/df_j = lambda_eff_j, d/df_y = -sum_j lambda_eff_j.
+                own = labels.unsqueeze(1)
                 coefficients = effective.scatter_(1, own, 0.0)
                 row_sums = coefficients.sum(dim=1, keepdim=True).neg_()
                 coefficients.scatter_(1, own, row_sums)
