@@ -28,8 +28,7 @@ import torch
 
 from minnorm_audit import __version__, audit
 from minnorm_audit.minnorm import Minnorm
-from minnorm_audit.models import build_model
-from minnorm_audit.train import autocast_context, resolve_device
+from minnorm_audit.training import autocast_context, build_model, resolve_device
 
 NUM_CLASSES = 10
 FLIP_RATE = 0.05

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import noise_lab as lab  # noqa: E402
 
 import minnorm_audit  # noqa: E402
-from minnorm_audit.train import TrainConfig  # noqa: E402
+from minnorm_audit.training import TrainConfig  # noqa: E402
 
 # Each baseline's best epoch budget on the tuning part (benchmarks/tune_scoring.py,
 # mean average precision over the tuning cells); see docs/benchmarks.md.
@@ -131,8 +131,7 @@ def accuracy_table(seeds: list[int]) -> list[dict[str, object]]:
     from sklearn.model_selection import train_test_split
 
     from minnorm_audit.minnorm import Minnorm
-    from minnorm_audit.models import build_model
-    from minnorm_audit.train import fit
+    from minnorm_audit.training import build_model, fit
 
     images, labels = lab.load("digits", 0).features, lab.load("digits", 0).labels
     results: dict[str, list[float]] = defaultdict(list)

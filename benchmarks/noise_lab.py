@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from minnorm_audit.data import load_bundled_digits
-from minnorm_audit.models import build_model
+from minnorm_audit.training import build_model
 
 
 # ---------------------------------------------------------------------------- datasets

@@ -9,9 +9,9 @@ table (32 features, Gaussian class centres) and reports the child's peak residen
 memory (``ru_maxrss``) and wall time:
 
 - ``blocks`` (the default since this benchmark was written): above
-  ``train.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
+  ``training.fit.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
   arrays and the audit reads the trained state in blocks of about
-  ``audit.SCORE_BLOCK_ELEMENTS`` examples x classes; ``class_multipliers`` is left out above ``CLASS_MULTIPLIERS_MAX_CLASSES``.
+  ``score_run.SCORE_BLOCK_ELEMENTS`` examples x classes; ``class_multipliers`` is left out above ``CLASS_MULTIPLIERS_MAX_CLASSES``.
 - ``full arrays`` (how audits scored before): both limits raised so that every
   examples x classes array is built, as float32 results and float64 temporaries.
 """
@@ -29,13 +29,13 @@ import tempfile
 CHILD = r"""
 import importlib, json, sys, time, resource
 import numpy as np
-from minnorm_audit import train as train_module
 import minnorm_audit
-audit_module = importlib.import_module("minnorm_audit.audit")
+from minnorm_audit import score_run
+fit_module = importlib.import_module("minnorm_audit.training.fit")  # the module, not fit()
 examples, classes, epochs, mode, out = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 if mode == "full arrays":
-    train_module.DENSE_RESULT_ELEMENTS = 1 << 62
-    audit_module.CLASS_MULTIPLIERS_MAX_CLASSES = 1 << 30
+    fit_module.DENSE_RESULT_ELEMENTS = 1 << 62
+    score_run.CLASS_MULTIPLIERS_MAX_CLASSES = 1 << 30
 rng = np.random.default_rng(0)
 labels = rng.integers(0, classes, size=examples)
 centres = rng.normal(size=(classes, 32)).astype(np.float32)

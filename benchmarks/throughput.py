@@ -28,8 +28,7 @@ from minnorm_audit import __version__
 from minnorm_audit.audit import AuditOptions, run_audit
 from minnorm_audit.data import load_dataset, write_demo_dataset
 from minnorm_audit.minnorm import DEFERRED_WINDOW_EXAMPLES, Minnorm
-from minnorm_audit.models import build_model
-from minnorm_audit.train import TrainConfig
+from minnorm_audit.training import TrainConfig, build_model
 
 
 def audit_rate(data_path: Path, out: Path, image_size: int, epochs: int) -> tuple[int, float]:

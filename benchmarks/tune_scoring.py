@@ -24,12 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import noise_lab as lab  # noqa: E402
 
 from minnorm_audit.minnorm import Minnorm  # noqa: E402
-from minnorm_audit.models import build_model  # noqa: E402
-from minnorm_audit.train import cap_multipliers  # noqa: E402
+from minnorm_audit.training import build_model, cap_multipliers  # noqa: E402
 
 
 def minnorm_trajectory(features, labels, num_classes, *, epochs, dual_lr, seed, kappa=None, lr=1e-3, batch_size=128, damping=None):
-    """Minnorm training exactly as minnorm_audit.train.fit does it, keeping every
+    """Minnorm training exactly as minnorm_audit.training.fit does it, keeping every
     epoch's multipliers and the in-training margins."""
     inputs = torch.as_tensor(features)
     targets = torch.as_tensor(labels)

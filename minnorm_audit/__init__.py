@@ -11,7 +11,7 @@ from .audit import AuditOptions, AuditResult, audit  # noqa: E402
 from .clean import CleanError, CleanResult, Decision, DecisionsError, clean, read_decisions  # noqa: E402
 from .data import DataError, LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset  # noqa: E402
 from .minnorm import Minnorm, StateMismatchError, default_norm_parameters  # noqa: E402
-from .scores import (  # noqa: E402
+from .scoring import (  # noqa: E402
     difficulty_scores,
     flag_examples,
     label_concentration,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ EXIT_INTERRUPTED = 130
 
 def _training_options(function: Any, *, image_size: int = 32) -> Any:
     """Options shared by ``run`` and ``demo``."""
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     defaults = TrainConfig()
     options = [
@@ -65,7 +64,7 @@ def main() -> None:
 
 def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-untyped-def]
     from .audit import AuditOptions
-    from .train import TrainConfig
+    from .training import TrainConfig
 
     train = TrainConfig(
         epochs=options["epochs"],
@@ -102,7 +101,7 @@ def _fail(error: BaseException, debug: bool) -> None:
 
 
 def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_output: bool) -> None:
-    from .distributed import is_main_process
+    from .training import is_main_process
     from .report.parquet import to_strict_json
 
     if not is_main_process():  # under torchrun, rank 0 alone prints
@@ -142,7 +141,7 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
         return
     fraction = summary["counts"]["mislabeled"] / max(summary["num_examples"], 1)
     if fraction > fail_on_flagged:
-        from .distributed import is_main_process
+        from .training import is_main_process
 
         if is_main_process():
             click.echo(
@@ -175,8 +174,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
     """
     from .audit import default_run_dir, run_audit
     from .data import DataError, load_dataset
-    from .distributed import teardown
-    from .train import TrainingError
+    from .training import TrainingError, teardown
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
                          data_root=data_root)
@@ -238,7 +236,7 @@ def demo(out: Path, noise_rate: float, **options: Any) -> None:
     """
     from .audit import run_audit
     from .data import DataError, load_dataset, write_demo_dataset
-    from .train import TrainingError
+    from .training import TrainingError
 
     settings = _settings(options)
     try:

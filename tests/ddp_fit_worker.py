@@ -32,9 +32,8 @@ def problem() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(out_dir: Path) -> dict[str, np.ndarray]:
-    from minnorm_audit import distributed
-    from minnorm_audit.scores import difficulty_scores
-    from minnorm_audit.train import TrainConfig, fit
+    from minnorm_audit.scoring import difficulty_scores
+    from minnorm_audit.training import TrainConfig, distributed, fit
 
     inputs, labels = problem()
     torch.manual_seed(0)

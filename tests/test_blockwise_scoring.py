@@ -1,8 +1,8 @@
 """Scoring a large run block by block gives the audit that full arrays give.
 
-Above ``train.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
+Above ``training.fit.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
 arrays and the audit reads the trained state in blocks of about
-``audit.SCORE_BLOCK_ELEMENTS`` examples x classes. Here both limits are lowered so that a small run takes that path, and its
+``score_run.SCORE_BLOCK_ELEMENTS`` examples x classes. Here both limits are lowered so that a small run takes that path, and its
 examples table must equal the one scored from full arrays.
 """
 
@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 
 import minnorm_audit
-from minnorm_audit import train as train_module
+from minnorm_audit import score_run
 
-# The module, not the audit() function the package exports under the same name.
+# The modules, not the audit() and fit() functions exported under the same names.
 audit_module = importlib.import_module("minnorm_audit.audit")
+fit_module = importlib.import_module("minnorm_audit.training.fit")
 
 
 def flipped_digits(count: int = 600, flips: int = 60):
@@ -45,8 +46,8 @@ def test_blockwise_scoring_equals_scoring_from_full_arrays(tmp_path, monkeypatch
     settings = dict(epochs=6, device="cpu", seed=0, deterministic=True, **options)
     whole = minnorm_audit.audit((features, labels), out=tmp_path / "whole", **settings)
 
-    monkeypatch.setattr(train_module, "DENSE_RESULT_ELEMENTS", 0)
-    monkeypatch.setattr(audit_module, "SCORE_BLOCK_ELEMENTS", 1280)  # 128 rows: 5 blocks, the last partial
+    monkeypatch.setattr(fit_module, "DENSE_RESULT_ELEMENTS", 0)
+    monkeypatch.setattr(score_run, "SCORE_BLOCK_ELEMENTS", 1280)  # 128 rows: 5 blocks, the last partial
     fitted = []
     original_fit = audit_module.fit
     monkeypatch.setattr(audit_module, "fit", lambda *a, **k: fitted.append(original_fit(*a, **k)) or fitted[-1])
@@ -63,7 +64,7 @@ def test_blockwise_scoring_equals_scoring_from_full_arrays(tmp_path, monkeypatch
 
 def test_class_multipliers_column_is_left_out_above_its_class_limit(tmp_path, monkeypatch):
     features, labels, _ = flipped_digits(300, 30)
-    monkeypatch.setattr(audit_module, "CLASS_MULTIPLIERS_MAX_CLASSES", 5)
+    monkeypatch.setattr(score_run, "CLASS_MULTIPLIERS_MAX_CLASSES", 5)
     result = minnorm_audit.audit((features, labels), out=tmp_path / "run", epochs=2, device="cpu")
     assert "class_multipliers" not in result.examples.columns
     written = pd.read_parquet(tmp_path / "run" / "examples.parquet")

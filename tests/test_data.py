@@ -1,56 +1,25 @@
-"""Tests for minnorm_audit.data: layouts, bad items, odd modes, whole-input errors, the demo."""
+"""Tests for minnorm_audit.data's load_dataset: layouts, whole-input errors, manifest path
+safety, read-only access and the fingerprint (decoding: test_images.py; demo: test_demo.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
-from minnorm_audit.data import (
-    DataError,
-    DemoDataset,
-    LoadedDataset,
-    SetAsideItem,
-    load_bundled_digits,
-    load_dataset,
-    write_demo_dataset,
-)
+from minnorm_audit.data import DataError, SetAsideItem, load_dataset
+from helpers import assert_one_line_error, image_bytes, noisy_rgb, save_image, set_aside_reasons, solid
 
 IMAGE_SIZE = 16
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def save_image(path: Path, image: Image.Image, **save_options) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, **save_options)
-    return path
-
-
-def solid(color: tuple[int, int, int], size: tuple[int, int] = (8, 8)) -> Image.Image:
-    return Image.new("RGB", size, color)
-
-
-def image_bytes(image: Image.Image, format: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=format)
-    return buffer.getvalue()
-
-
-def noisy_rgb(size: tuple[int, int] = (64, 64), seed: int = 0) -> Image.Image:
-    """Random pixels: compresses badly, so a cut file is really missing data."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def make_image_folder(root: Path) -> Path:
@@ -80,17 +49,6 @@ def snapshot(root: Path) -> dict[str, tuple[str, int]]:
             state[full.relative_to(root).as_posix()] = (digest, full.stat().st_mtime_ns)
     state["."] = ("dir", root.stat().st_mtime_ns)
     return state
-
-
-def set_aside_reasons(dataset: LoadedDataset) -> dict[str, str]:
-    return {item.source: item.reason for item in dataset.set_aside}
-
-
-def assert_one_line_error(excinfo: pytest.ExceptionInfo[DataError], *fragments: str) -> None:
-    message = str(excinfo.value)
-    assert "\n" not in message
-    for fragment in fragments:
-        assert fragment in message, f"{fragment!r} not in {message!r}"
 
 
 # --------------------------------------------------------------------------- layouts
@@ -201,149 +159,6 @@ def test_integer_labels_become_numerically_sorted_class_names(tmp_path: Path) ->
 
     assert dataset.class_names == [str(label) for label in range(11)]
     assert dataset.targets.tolist() == list(range(11))
-
-
-# --------------------------------------------------------------------------- bad items
-
-
-def test_every_bad_item_is_set_aside_with_a_reason(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    good = solid((10, 20, 30), (8, 8))  # 64 pixels: under the lowered limit below
-    save_image(tmp_path / "a" / "good.png", good)
-    save_image(tmp_path / "b" / "good.png", good)
-    png, jpeg = image_bytes(noisy_rgb((32, 32)), "PNG"), image_bytes(noisy_rgb((32, 32)), "JPEG")
-    (tmp_path / "a" / "zero.png").write_bytes(b"")
-    (tmp_path / "a" / "cut.png").write_bytes(png[: len(png) // 2])
-    (tmp_path / "a" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
-    (tmp_path / "a" / "garbage.png").write_bytes(np.random.default_rng(1).bytes(200))
-    broken = bytearray(png)
-    broken[len(png) // 2 : len(png) // 2 + 40] = bytes(40)  # valid header, mangled pixel data
-    (tmp_path / "a" / "broken.png").write_bytes(bytes(broken))
-    (tmp_path / "b" / "notes.txt").write_text("not an image")
-    # A valid EPS header: Pillow could open it, but only by running Ghostscript on it.
-    (tmp_path / "b" / "page.eps").write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n")
-    # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; both must be set aside.
-    save_image(tmp_path / "b" / "bomb_warn.png", solid((0, 0, 0), (60, 60)))  # 3,600 pixels
-    save_image(tmp_path / "b" / "bomb_error.png", solid((0, 0, 0), (100, 100)))  # 10,000 pixels
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3_000)
-
-    dataset = load_dataset(tmp_path, image_size=IMAGE_SIZE)
-
-    assert dataset.sources == ["a/good.png", "b/good.png"]
-    reasons = set_aside_reasons(dataset)
-    assert reasons["a/zero.png"] == "zero-byte file"
-    assert reasons["a/cut.png"] == "truncated image"
-    assert reasons["a/cut.jpg"] == "truncated image"
-    assert reasons["a/garbage.png"] == "cannot identify image file"
-    assert reasons["a/broken.png"].startswith("cannot decode image (")
-    assert reasons["b/notes.txt"] == "cannot identify image file"
-    assert reasons["b/page.eps"] == "cannot identify image file"
-    assert "decompression-bomb" in reasons["b/bomb_warn.png"]
-    assert "decompression-bomb" in reasons["b/bomb_error.png"]
-    assert len(reasons) == 9
-
-
-@pytest.mark.parametrize("suffix", [".png", ".jpg", ".gif", ".bmp", ".tiff", ".webp", ".ppm", ".tga"])
-def test_common_formats_load(tmp_path: Path, suffix: str) -> None:
-    save_image(tmp_path / "a" / f"image{suffix}", solid((200, 100, 50)))
-    save_image(tmp_path / "b" / "x.png", solid((0, 0, 0)))
-
-    dataset = load_dataset(tmp_path, image_size=IMAGE_SIZE)
-
-    assert dataset.set_aside == [] and dataset.sources[0] == f"a/image{suffix}"
-    assert dataset.inputs[0, :, 0, 0].tolist() == pytest.approx([200, 100, 50], abs=8)
-
-
-def _palette_image(with_transparency: bool) -> Image.Image:
-    image = Image.new("P", (8, 8), 0)
-    image.putpalette([0, 255, 0] + [255, 0, 0] * 255)  # index 0 green, the rest red
-    if with_transparency:
-        image.info["transparency"] = 0
-    return image
-
-
-# (mode name, image factory, file suffix, expected RGB of the uniform result)
-ODD_MODES = [
-    ("P", lambda: _palette_image(False), ".png", (0, 255, 0)),
-    ("P+transparency", lambda: _palette_image(True), ".png", (255, 255, 255)),
-    ("RGBA", lambda: Image.new("RGBA", (8, 8), (255, 0, 0, 0)), ".png", (255, 255, 255)),
-    ("RGBA opaque", lambda: Image.new("RGBA", (8, 8), (255, 0, 0, 255)), ".png", (255, 0, 0)),
-    ("LA", lambda: Image.new("LA", (8, 8), (0, 0)), ".png", (255, 255, 255)),
-    ("L", lambda: Image.new("L", (8, 8), 77), ".png", (77, 77, 77)),
-    ("1", lambda: Image.new("1", (8, 8), 1), ".png", (255, 255, 255)),
-    ("I;16", lambda: Image.fromarray(np.full((8, 8), 4095, dtype=np.uint16)), ".png", (255, 255, 255)),
-    ("I", lambda: Image.fromarray(np.full((8, 8), 70_000, dtype=np.int32)), ".tiff", (255, 255, 255)),
-    ("F", lambda: Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)), ".tiff", (128, 128, 128)),
-    ("CMYK", lambda: Image.new("CMYK", (8, 8), (255, 0, 0, 0)), ".tiff", (0, 255, 255)),
-    ("CMYK jpeg", lambda: Image.new("CMYK", (8, 8), (0, 0, 0, 0)), ".jpg", (255, 255, 255)),
-]
-
-
-@pytest.mark.parametrize(("mode", "factory", "suffix", "expected_rgb"), ODD_MODES, ids=[m[0] for m in ODD_MODES])
-def test_odd_modes_decode_to_rgb_uint8(
-    tmp_path: Path, mode: str, factory: Callable[[], Image.Image], suffix: str, expected_rgb: tuple[int, int, int]
-) -> None:
-    save_image(tmp_path / "odd" / f"image{suffix}", factory())
-    save_image(tmp_path / "plain" / "image.png", solid((1, 2, 3)))
-
-    dataset = load_dataset(tmp_path, image_size=IMAGE_SIZE)
-
-    assert dataset.set_aside == []
-    assert dataset.inputs.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE) and dataset.inputs.dtype == torch.uint8
-    odd = dataset.inputs[dataset.sources.index(f"odd/image{suffix}")]
-    per_channel = odd.reshape(3, -1)
-    assert (per_channel.amin(dim=1) == per_channel.amax(dim=1)).all(), "a uniform image stays uniform"
-    assert per_channel[:, 0].tolist() == pytest.approx(list(expected_rgb), abs=2)
-
-
-def test_sixteen_bit_scaled_by_its_maximum(tmp_path: Path) -> None:
-    ramp = np.zeros((8, 8), dtype=np.uint16)
-    ramp[:, 4:] = 4000  # 12-bit data in a 16-bit container: must not come out near black
-    save_image(tmp_path / "a" / "ramp.png", Image.fromarray(ramp))
-    save_image(tmp_path / "b" / "x.png", solid((0, 0, 0)))
-
-    pixels = load_dataset(tmp_path, image_size=8).inputs[0]
-
-    assert pixels[:, :, 0].max() == 0 and pixels[:, :, -1].min() == 255
-
-
-def test_exif_orientation_is_applied(tmp_path: Path) -> None:
-    # Stored landscape: left half red, right half blue. Orientation 6 = rotate 90 degrees
-    # clockwise for display, which puts red on top.
-    stored = Image.new("RGB", (32, 16), (255, 0, 0))
-    stored.paste((0, 0, 255), (16, 0, 32, 16))
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    save_image(tmp_path / "a" / "rotated.jpg", stored, exif=exif, quality=95)
-    save_image(tmp_path / "b" / "x.png", solid((0, 0, 0)))
-
-    pixels = load_dataset(tmp_path, image_size=IMAGE_SIZE).inputs[0].int()
-
-    top, bottom = pixels[:, 2, IMAGE_SIZE // 2], pixels[:, -3, IMAGE_SIZE // 2]
-    assert top[0] > 200 and top[2] < 60, "red on top"
-    assert bottom[2] > 200 and bottom[0] < 60, "blue at the bottom"
-
-
-def test_large_jpeg_is_reduced_to_image_size(tmp_path: Path) -> None:
-    large = Image.new("RGB", (3000, 2000), (0, 128, 0))
-    save_image(tmp_path / "a" / "large.jpg", large)
-    save_image(tmp_path / "b" / "x.png", solid((0, 0, 0)))
-
-    dataset = load_dataset(tmp_path, image_size=IMAGE_SIZE)
-
-    assert dataset.inputs.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    assert dataset.inputs[0, 1].float().mean() == pytest.approx(128, abs=3)
-
-
-def test_whole_image_resized_without_cropping(tmp_path: Path) -> None:
-    # A wide image with a distinctive stripe at its far right edge: a centre crop would lose it.
-    wide = Image.new("RGB", (64, 16), (0, 0, 0))
-    wide.paste((255, 255, 255), (48, 0, 64, 16))
-    save_image(tmp_path / "a" / "wide.png", wide)
-    save_image(tmp_path / "b" / "x.png", solid((0, 0, 0)))
-
-    pixels = load_dataset(tmp_path, image_size=8).inputs[0]
-
-    assert pixels[0, :, -1].min() > 200 and pixels[0, :, 0].max() == 0
 
 
 # --------------------------------------------------------------------------- whole-input errors
@@ -569,75 +384,3 @@ def test_table_fingerprint_tracks_one_label_and_one_value(tmp_path: Path) -> Non
     assert load_dataset(table).fingerprint != first
     _write_table(table, frame.assign(f=[1.0, 2.0, 3.5]))
     assert load_dataset(table).fingerprint != first
-
-
-# --------------------------------------------------------------------------- bundled digits and demo
-
-
-def test_bundled_digits() -> None:
-    images, labels = load_bundled_digits()
-    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
-    assert labels.shape == (1797,) and labels.dtype == np.int64
-    assert images.min() == 0 and images.max() == 16
-    assert np.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoDataset:
-    out_dir = tmp_path_factory.mktemp("demo") / "digits"
-    out_dir.mkdir()  # an existing empty folder is fine to write into
-    return write_demo_dataset(out_dir, noise_rate=0.1, seed=0)
-
-
-def test_demo_flips_exactly_the_requested_share_to_other_classes(demo: DemoDataset) -> None:
-    assert len(demo.flipped_sources) == round(0.1 * 1797) == 180
-    assert len(set(demo.flipped_sources)) == 180
-    assert set(demo.original_labels) == set(demo.flipped_sources)
-    for source in demo.flipped_sources:
-        given_label = source.split("/")[0]
-        assert given_label != demo.original_labels[source]
-        assert (demo.root / source).is_file()
-    # Flips land in every other class, not just one neighbour.
-    assert len({source.split("/")[0] for source in demo.flipped_sources}) == 10
-
-
-def test_demo_loads_as_an_image_folder_with_flips_in_wrong_folders(demo: DemoDataset) -> None:
-    dataset = load_dataset(demo.root, image_size=32)
-    images, true_labels = load_bundled_digits()
-
-    assert len(dataset.sources) == 1797 and dataset.set_aside == []
-    assert dataset.class_names == [str(digit) for digit in range(10)]
-    assert all(re.fullmatch(r"\d/\d{4}\.png", source) for source in dataset.sources), "names do not reveal flips"
-    flipped = set(demo.flipped_sources)
-    for source, target in zip(dataset.sources, dataset.targets.tolist()):
-        index = int(source.split("/")[1][:4])
-        assert (dataset.class_names[target] != str(true_labels[index])) == (source in flipped)
-    # Pixels are the digits, 4x nearest-neighbour upscaled and 0..16 scaled to 0..255.
-    position = next(position for position, source in enumerate(dataset.sources) if source.endswith("/0005.png"))
-    expected = np.rint(images[5].astype(float) * 255 / 16).repeat(4, axis=0).repeat(4, axis=1)
-    assert np.abs(dataset.inputs[position, 0].numpy().astype(float) - expected).max() <= 1
-
-
-def test_demo_leaves_no_staging_folder(demo: DemoDataset) -> None:
-    assert [path.name for path in demo.root.parent.iterdir()] == ["digits"]
-
-
-def test_demo_refuses_a_non_empty_folder(tmp_path: Path) -> None:
-    (tmp_path / "busy").mkdir()
-    (tmp_path / "busy" / "keep.txt").write_text("mine")
-    with pytest.raises(DataError) as excinfo:
-        write_demo_dataset(tmp_path / "busy")
-    assert_one_line_error(excinfo, "busy")
-    assert [path.name for path in tmp_path.iterdir()] == ["busy"]
-    assert [path.name for path in (tmp_path / "busy").iterdir()] == ["keep.txt"]
-    with pytest.raises(ValueError):
-        write_demo_dataset(tmp_path / "new", noise_rate=1.5)
-
-
-def test_demo_is_reproducible_per_seed(demo: DemoDataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Only the choice of flips matters here; skip the 1,797 PNG writes.
-    monkeypatch.setattr(Image.Image, "save", lambda self, *args, **kwargs: None)
-    again = write_demo_dataset(tmp_path / "same", noise_rate=0.1, seed=0)
-    other = write_demo_dataset(tmp_path / "other", noise_rate=0.1, seed=1)
-    assert again.flipped_sources == demo.flipped_sources and again.original_labels == demo.original_labels
-    assert other.flipped_sources != demo.flipped_sources

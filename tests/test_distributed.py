@@ -16,7 +16,7 @@ import torch.distributed as dist
 from click.testing import CliRunner
 
 from minnorm_audit.cli import main
-from minnorm_audit.distributed import DistributedContext, rank_slice
+from minnorm_audit.training.distributed import DistributedContext, rank_slice
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 WORKER = Path(__file__).with_name("ddp_fit_worker.py")

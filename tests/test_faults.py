@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from minnorm_audit.cli import main
-from minnorm_audit.train import TrainConfig, TrainingError, fit
+from minnorm_audit.training import TrainConfig, TrainingError, fit
 
 EPOCHS = 12
 SCORE_COLUMNS = ["example_id", "difficulty", "difficulty_percentile", "flag", "suggested_label", "competing_label"]
@@ -270,7 +270,7 @@ def test_pillow_decompression_bomb_limit_stays_on():
     from PIL import Image
 
     import minnorm_audit.data  # noqa: F401 - importing must not lift the limit
-    import minnorm_audit.streaming  # noqa: F401
+    import minnorm_audit.data.placement  # noqa: F401
 
     assert Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS <= 200_000_000
 

@@ -22,8 +22,8 @@ from minnorm_audit.minnorm import (
     spearman,
     state_bytes,
 )
-from minnorm_audit.scores import difficulty_scores, suggested_labels
-from minnorm_audit.train import TrainConfig, fit
+from minnorm_audit.scoring import difficulty_scores, suggested_labels
+from minnorm_audit.training import TrainConfig, fit
 
 
 def ring_problem(num_classes: int = 10, per_class: int = 40, seed: int = 0):
@@ -183,7 +183,7 @@ def test_compact_store_approximation_is_bounded_when_classes_exceed_the_slots():
     clean, noisy, is_flipped, inputs, targets = flipped_digits_900()
 
     def train(store, slots):
-        from minnorm_audit.models import build_model
+        from minnorm_audit.training import build_model
 
         torch.manual_seed(0)
         return fit(build_model("mlp", inputs, 10), inputs, targets, form="margin", num_outputs=10,
@@ -323,7 +323,7 @@ def test_compact_violation_state_keeps_the_flipped_examples_on_top_with_3_of_9_c
     clean, noisy, is_flipped, inputs, targets = flipped_digits_900()
 
     def scores(store, slots):
-        from minnorm_audit.models import build_model
+        from minnorm_audit.training import build_model
 
         torch.manual_seed(0)
         result = fit(build_model("mlp", inputs, 10), inputs, targets, form="margin", num_outputs=10,

@@ -1,7 +1,11 @@
 """Writing and rendering a run folder: Parquet + JSON files and the HTML report.
 
-``parquet`` holds the atomic writers, the column descriptions and the reader
-(:func:`load_run`); ``html`` renders ``report.html`` from a run folder's files alone.
+Modules:
+
+- ``parquet``: the atomic writers, the column descriptions and the reader (:func:`load_run`).
+- ``html``: renders ``report.html`` from a run folder's files alone.
+- ``plots``: the page's matplotlib plots (difficulty histogram, convergence history) as inline SVG.
+- ``formatting``: number formats (the page's jinja filters) and the flag order, shared by ``html`` and ``plots``.
 """
 
 from .html import build_report_html, render_report

@@ -14,8 +14,8 @@ Three placements, chosen by an explicit memory budget (``--max-memory-gb``):
     once: :class:`LazyImages` decodes one file per item in DataLoader workers
     (``--workers``), with the same decoding as the eager loader, so the pixels and
     hence the scores are the same. Unreadable files are found by a cheap pre-scan
-    (:func:`prescan_image_file`) and set aside before training, as the eager loader
-    does.
+    (:func:`.images.prescan_image_file`) and set aside before training, as the eager
+    loader does.
 
 Every placement yields ``(example_ids, inputs)`` on the device for a given list of
 id batches, so the multipliers are always indexed by the ids the batch really holds.
@@ -27,8 +27,6 @@ a torchrun launch on the same machine.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .images import _decode_image_bytes
 
 AUTO_MEMORY_FRACTION = 0.5
 
@@ -88,48 +88,6 @@ def images_fit_in_memory(count: int, image_size: int, max_memory_gb: float | Non
 # --------------------------------------------------------------------------- lazy images
 
 
-def prescan_image_file(file_path: Path) -> tuple[str | None, bytes]:
-    """Cheap check of one file before streaming: ``(reason or None, content sha256)``.
-
-    The file is read once (its hash goes into the dataset fingerprint, as in the eager
-    loader) and opened header-only; PNG and the other formats Pillow can verify are
-    verified (CRCs, truncation), a JPEG is decoded at 1/8 scale (catches truncation).
-    Nothing is kept but the hash.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    from .data import IMAGE_FORMATS, _check_pixel_limit, _describe_decode_error
-
-    try:
-        content = file_path.read_bytes()
-    except FileNotFoundError:
-        return "file not found", b""
-    except IsADirectoryError:
-        return "not a file", b""
-    except OSError as err:
-        return f"cannot read file ({err.strerror or err})", b""
-    content_sha256 = hashlib.sha256(content).digest()
-    if not content:
-        return "zero-byte file", content_sha256
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(content), formats=IMAGE_FORMATS) as opened:
-                _check_pixel_limit(opened)
-                if opened.format == "JPEG":
-                    opened.draft(None, (max(1, opened.width // 8), max(1, opened.height // 8)))
-                    opened.load()
-                else:
-                    opened.verify()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return "over Pillow's decompression-bomb pixel limit", content_sha256
-    except UnidentifiedImageError:
-        return "cannot identify image file", content_sha256
-    except Exception as err:  # noqa: BLE001 - one bad file never stops the run
-        return _describe_decode_error(err), content_sha256
-    return None, content_sha256
-
-
 class LazyImages(Dataset):  # type: ignore[type-arg]
     """Images decoded from their files on access: uint8 ``(3, S, S)`` per item.
 
@@ -142,7 +100,7 @@ class LazyImages(Dataset):  # type: ignore[type-arg]
     file_paths : sequence of Path
         One readable image file per example, in example-id order.
     image_size : int
-        Side ``S``; decoding is the eager loader's (``data._decode_image_bytes``).
+        Side ``S``; decoding is the eager loader's (``images._decode_image_bytes``).
     """
 
     dtype = torch.uint8
@@ -172,8 +130,6 @@ class LazyImages(Dataset):  # type: ignore[type-arg]
         return batch
 
     def _decode(self, position: int) -> np.ndarray:
-        from .data import _decode_image_bytes
-
         path = self.file_paths[position]
         try:
             with open(path, "rb") as stream:
@@ -189,7 +145,7 @@ class LazyImages(Dataset):  # type: ignore[type-arg]
 def image_statistics(images: LazyImages, *, workers: int = 0, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and (population) std over every pixel, in one streamed pass.
 
-    Returns float32 tensors shaped ``(1, 3, 1, 1)``, what ``models.standardizer_for``
+    Returns float32 tensors shaped ``(1, 3, 1, 1)``, what ``training.models.standardizer_for``
     computes from an in-memory tensor (accumulated here in float64).
     """
     total = torch.zeros(3, dtype=torch.float64)
@@ -205,18 +161,6 @@ def image_statistics(images: LazyImages, *, workers: int = 0, batch_size: int = 
     mean = total / count
     variance = (total_squares / count - mean.pow(2)).clamp_min(0)
     return mean.float().reshape(1, 3, 1, 1), variance.sqrt().float().reshape(1, 3, 1, 1)
-
-
-def build_streamed_model(name: str, images: LazyImages, num_outputs: int, *, workers: int = 0) -> torch.nn.Module:
-    """``models.build_model`` for streamed images: the standardizer's statistics come
-    from one streamed pass instead of an in-memory tensor (same values to float32
-    rounding), the network is built exactly as for the eager path."""
-    from .models import Standardize, build_model
-
-    model = build_model(name, images[:1], num_outputs)
-    mean, std = image_statistics(images, workers=workers)
-    model[0] = Standardize(mean, std)  # type: ignore[index]
-    return model
 
 
 # --------------------------------------------------------------------------- batch sources

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .minnorm import Minnorm, PendingDualUpdate
+from ..minnorm import Minnorm, PendingDualUpdate
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from minnorm_audit.models import build_model
-from minnorm_audit.scores import difficulty_scores, suggested_labels
-from minnorm_audit.train import TrainConfig, TrainingError, fit, resolve_device
+from minnorm_audit.training import TrainConfig, TrainingError, build_model, fit, resolve_device
 
 datasets = pytest.importorskip("sklearn.datasets")
 metrics = pytest.importorskip("sklearn.metrics")

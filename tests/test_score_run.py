@@ -1,4 +1,4 @@
-"""From the violation state to difficulty, suggested label and flags (audit.score_classification),
+"""From the violation state to difficulty, suggested label and flags (score_run.score_classification),
 on hand-made training results whose answers are known."""
 
 from __future__ import annotations
@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minnorm_audit.audit import AuditOptions, score_classification
+from minnorm_audit.audit import AuditOptions
 from minnorm_audit.data import LoadedDataset
-from minnorm_audit.train import FitResult, TrainConfig
+from minnorm_audit.score_run import score_classification
+from minnorm_audit.training import FitResult, TrainConfig
 
 
 def loaded_for(labels: np.ndarray, class_names: list[str]) -> LoadedDataset:

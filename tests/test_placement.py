@@ -1,4 +1,5 @@
-"""Streaming images from disk when they do not fit the memory budget (streaming.py)."""
+"""Placement of the training data (data/placement.py): images streamed from disk when they
+do not fit the memory budget, and the batch sources."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minnorm_audit import data as data_module
 from minnorm_audit.audit import AuditOptions, run_audit
-from minnorm_audit.data import load_dataset
-from minnorm_audit.streaming import LazyImages, LoaderBatches, images_fit_in_memory, make_batch_source
-from minnorm_audit.train import TrainConfig
+from minnorm_audit.data import image_files, load_dataset
+from minnorm_audit.data.placement import LazyImages, LoaderBatches, images_fit_in_memory, make_batch_source
+from minnorm_audit.training import TrainConfig
 
 TINY_BUDGET_GB = 1e-9  # forces the streaming path
 
@@ -50,7 +50,7 @@ def test_budget_rule_compares_decoded_bytes_with_the_budget():
 
 def test_streamed_load_equals_eager_load_without_decoding_everything(image_folder, monkeypatch):
     eager = load_dataset(image_folder, image_size=8)
-    monkeypatch.setattr(data_module, "_decode_image_files", _refuse_eager_decoding)
+    monkeypatch.setattr(image_files, "_decode_image_files", _refuse_eager_decoding)
     streamed = load_dataset(image_folder, image_size=8, max_memory_gb=TINY_BUDGET_GB)
     assert isinstance(streamed.inputs, LazyImages) and isinstance(eager.inputs, torch.Tensor)
     assert streamed.inputs.shape == eager.inputs.shape
@@ -108,7 +108,7 @@ def test_streamed_audit_matches_in_memory_audit(image_folder, tmp_path, monkeypa
                                                             dual_lr=0.05), gallery_size=5)
     eager = run_audit(load_dataset(image_folder, image_size=8), settings, tmp_path / "eager")
 
-    monkeypatch.setattr(data_module, "_decode_image_files", _refuse_eager_decoding)
+    monkeypatch.setattr(image_files, "_decode_image_files", _refuse_eager_decoding)
     streamed_settings = AuditOptions(image_size=8, train=TrainConfig(**{**settings.train.to_dict(),
                                                                        "max_memory_gb": TINY_BUDGET_GB}),
                                      gallery_size=5)

@@ -4,7 +4,7 @@ Pure numpy functions on arrays, one value per example. ``difficulty``: higher me
 more suspect.
 
 The default scored state is the mean margin violation per competing class (see
-``train.SCORE_STATES``); these functions apply to it and to multipliers alike.
+``training.config.SCORE_STATES``); these functions apply to it and to multipliers alike.
 
 Why the max over competing classes: a mislabeled example is pushed toward ONE other
 class (its true one), so its multiplier mass concentrates in one column; a clean

@@ -9,8 +9,13 @@ zero-mean, unit-variance features (the prototype's violation floor was 3x lower)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from ..data.placement import LazyImages
 
 
 class Standardize(nn.Module):
@@ -72,7 +77,7 @@ def build_model(
         ``auto`` picks ``mlp`` for tables and ``cnn`` for images. torchvision models are
         built untrained (no weights are downloaded); their normalization layers and
         the layers feeding them are left out of the norm term
-        (:func:`minnorm.default_norm_parameters`).
+        (:func:`minnorm_audit.minnorm.default_norm_parameters`).
     inputs : Tensor
         The training inputs (statistics for the standardizer, shape for the network).
     num_outputs : int
@@ -98,3 +103,15 @@ def build_model(
         except ValueError as error:
             raise ValueError(f"unknown model {name!r}: use auto, mlp, cnn or a torchvision model name") from error
     return nn.Sequential(standardizer_for(inputs), body)
+
+
+def build_streamed_model(name: str, images: LazyImages, num_outputs: int, *, workers: int = 0) -> torch.nn.Module:
+    """``models.build_model`` for streamed images: the standardizer's statistics come
+    from one streamed pass instead of an in-memory tensor (same values to float32
+    rounding), the network is built exactly as for the eager path."""
+    from ..data.placement import image_statistics
+
+    model = build_model(name, images[:1], num_outputs)
+    mean, std = image_statistics(images, workers=workers)
+    model[0] = Standardize(mean, std)  # type: ignore[index]
+    return model

@@ -1,0 +1,126 @@
+"""What every loader returns and raises: :class:`LoadedDataset`, :class:`SetAsideItem`
+and :class:`DataError`, with the argument checks and message helpers they share.
+
+Two kinds of problems are kept apart. One unreadable example (a truncated JPEG, a
+``notes.txt`` in a class folder, a manifest row whose file is gone) is *set aside* with a
+reason and the run goes on. A problem with the input as a whole (no label column, a
+single class, a manifest path that escapes its folder) raises :class:`DataError`, whose
+message is one line naming the problem and the file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+FORMATS = ("auto", "images", "manifest", "table")
+TASKS = ("classification", "regression")
+
+
+class DataError(Exception):
+    """The input is unusable as a whole.
+
+    ``str(err)`` is one line naming the problem and the file, fit to show a user as is.
+    """
+
+    def __init__(self, message: str) -> None:
+        # File and column names are user input: a newline in one must not break the one-line contract.
+        super().__init__(" ".join(message.splitlines()))
+
+
+@dataclass(frozen=True)
+
+
+class SetAsideItem:
+    """One example that could not be used, and why.
+
+    Attributes
+    ----------
+    source : str
+        Path relative to the data root (image folder) or as written in the manifest;
+        for a table, the 0-based data row as a string.
+    reason : str
+        Short human reason, e.g. ``"zero-byte file"`` or ``"truncated image"``.
+    """
+
+    source: str
+    reason: str
+
+
+@dataclass
+
+
+class LoadedDataset:
+    """A dataset ready for training: one row of ``inputs`` and ``targets`` per example.
+
+    The example id is the position in ``sources``/``inputs``/``targets``.
+
+    Attributes
+    ----------
+    kind : {"images", "table"}
+    task : {"classification", "regression"}
+    root : Path or None
+        The data path given by the user (folder or file), resolved; None for data
+        given in memory (see ``origin``).
+    sources : list of str
+        One per kept example: a relative POSIX path for images, the 0-based row number
+        for tables.
+    inputs : Tensor or LazyImages
+        Images: uint8, shape (N, 3, S, S); a :class:`~minnorm_audit.data.placement.LazyImages`
+        (decoded per item, same pixels) when the images do not fit ``max_memory_gb``. Tables: float32, shape (N, D), not
+        standardized (the trainer standardizes).
+    targets : Tensor
+        Classification: int64 class indices into ``class_names``, shape (N,).
+        Regression: float32, shape (N, T).
+    class_names : list of str
+        Classification: the sorted class names. Regression: empty.
+    target_names : list of str
+        Regression: the target column name(s). Classification: empty.
+    feature_names : list of str
+        Tables: the feature column names. Images: empty.
+    set_aside : list of SetAsideItem
+        Examples that could not be read, with reasons.
+    fingerprint : str
+        sha256 hex digest over the sources, labels or targets and input bytes (each
+        image file's content hash, or a table's feature array) plus the kind, task and
+        image size: stable across runs, different when any label, file or row changes.
+    image_size : int or None
+        Images: the side ``S`` every image was resized to. Tables: None.
+    origin : {"dataframe", "arrays", "dataset"} or None
+        Data given in memory (:func:`load_frame`, :func:`load_arrays`,
+        :func:`load_torch_dataset`): what it was; ``sources`` are then positions.
+        None for data read from disk.
+    """
+
+    kind: str
+    task: str
+    root: Path | None
+    sources: list[str]
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    class_names: list[str]
+    target_names: list[str]
+    feature_names: list[str]
+    set_aside: list[SetAsideItem]
+    fingerprint: str
+    image_size: int | None
+    origin: str | None = None
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _check_image_size(image_size: int) -> None:
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _list_names(names: Iterable[Any], *, quote: bool = True, limit: int = 20) -> str:
+    names = [repr(str(name)) if quote else str(name) for name in names]
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

@@ -1,0 +1,64 @@
+"""An image folder, ``DATA/<class_name>/<image files>`` (torchvision's ImageFolder layout).
+
+Every file in a class folder, at any depth, is tried as an image; hidden files and
+folders (name starting with ``.``) are skipped, files lying directly in the root are
+set aside.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .dataset import DataError, LoadedDataset, SetAsideItem
+from .image_files import _image_dataset, _nothing_readable_message, _read_image_files
+from .images import _DecodedImage
+from .labels import _class_indices, _sorted_class_names
+
+
+def _load_image_folder(root: Path, shown: str, *, image_size: int, max_memory_gb: float | None = None) -> LoadedDataset:
+    """Load ``root/<class>/<files>``; every class-folder file is tried as an image."""
+    stray_files: list[SetAsideItem] = []
+    class_dirs: list[Path] = []
+    for entry in sorted(root.iterdir(), key=lambda entry: entry.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            class_dirs.append(entry)
+        else:
+            stray_files.append(SetAsideItem(entry.name, "not inside a class folder"))
+    if not class_dirs:
+        raise DataError(f"no class subfolders in {shown}: expected DATA/<class_name>/<image files>")
+
+    candidates: list[tuple[str, str, Path]] = []  # (source, label, file)
+    # Examples in class-index order, then by path: the same order on every run.
+    dir_of_class = {folder.name: folder for folder in class_dirs}
+    for class_name in _sorted_class_names(dir_of_class):
+        class_dir = dir_of_class[class_name]
+        for file_path in _walk_visible_files(class_dir):
+            candidates.append((file_path.relative_to(root).as_posix(), class_dir.name, file_path))
+    if not candidates:
+        raise DataError(f"no files in the class subfolders of {shown}")
+
+    decoded = _read_image_files([file_path for _, _, file_path in candidates], image_size, max_memory_gb)
+    kept: list[tuple[str, str, _DecodedImage]] = []
+    unreadable: list[SetAsideItem] = []
+    for (source, label, _), result in zip(candidates, decoded):
+        if result.reason is not None:
+            unreadable.append(SetAsideItem(source, result.reason or "unreadable"))
+        else:
+            kept.append((source, label, result))
+    if not kept:
+        raise DataError(_nothing_readable_message(shown, unreadable))
+    class_names, targets = _class_indices([label for _, label, _ in kept], shown)
+    return _image_dataset(root, kept, class_names, targets, stray_files + unreadable, image_size)
+
+
+def _walk_visible_files(folder: Path) -> list[Path]:
+    """Files under ``folder`` at any depth, hidden files and folders skipped, sorted by path."""
+    found: list[Path] = []
+    # followlinks=False: a symlinked folder loop must not hang the walk.
+    for dir_path, dir_names, file_names in os.walk(folder):
+        dir_names[:] = sorted(name for name in dir_names if not name.startswith("."))
+        found += [Path(dir_path) / name for name in file_names if not name.startswith(".")]
+    return sorted(found, key=lambda file_path: file_path.relative_to(folder).as_posix())

@@ -1,0 +1,109 @@
+"""Labels and numbers read from cells (table, manifest or in-memory columns).
+
+Labels become stripped text (``3`` and ``3.0`` both ``"3"``) and class indices into
+the sorted class names, sorted numerically when every label is an integer. Regression
+targets and feature columns become floats, with missing-value tokens told apart from
+text that is not a number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .dataset import DataError
+
+# Cell texts that mean "no value" in a CSV; they become NaN and are reported as missing
+# rather than as non-numeric text.
+_MISSING_TOKENS = frozenset({"", "nan", "-nan", "na", "n/a", "null", "none"})
+_INTEGER_TEXT = re.compile(r"[+-]?\d+")
+
+
+def _cell_text(value: Any) -> str:
+    """A cell as stripped text: missing -> "", an integral float -> "3".
+
+    Integral floats matter because pandas turns a Parquet int column with nulls into floats.
+    """
+    if value is None or value is pd.NA:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        if math.isnan(value):
+            return ""
+        if math.isfinite(value) and float(value).is_integer():
+            return str(int(value))
+        return repr(float(value))
+    if isinstance(value, (np.integer, np.bool_)):
+        return str(value.item())
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace").strip()
+    return str(value).strip()
+
+
+def _label_texts(column: pd.Series, shown: str, label_column: str) -> list[str]:
+    """Labels as stripped text; raise naming the first empty one."""
+    texts = [_cell_text(value) for value in column.tolist()]
+    empty_rows = [row for row, text in enumerate(texts) if not text]
+    if empty_rows:
+        more = f" ({len(empty_rows) - 1} more)" if len(empty_rows) > 1 else ""
+        raise DataError(f"{shown}: empty label in column {label_column!r} at row {empty_rows[0]}{more}")
+    return texts
+
+
+def _to_numeric(column: pd.Series) -> tuple[np.ndarray | None, int]:
+    """Column as float64 (missing -> NaN), or (None, first non-numeric row)."""
+    if pd.api.types.is_bool_dtype(column) or (
+        pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_complex_dtype(column)
+    ):
+        return column.to_numpy(dtype=np.float64, na_value=np.nan), -1
+    if pd.api.types.is_string_dtype(column) and not column.isna().any():
+        texts = column.astype(str).str.strip()  # the CSV case, vectorized: every cell is text
+    else:
+        texts = pd.Series([_cell_text(value) for value in column.tolist()], dtype=object)
+    numbers = pd.to_numeric(texts, errors="coerce")
+    is_missing = texts.str.lower().isin(_MISSING_TOKENS)
+    is_text = numbers.isna() & ~is_missing
+    if is_text.any():
+        return None, int(np.flatnonzero(is_text.to_numpy())[0])
+    return numbers.to_numpy(dtype=np.float64, na_value=np.nan), -1
+
+
+def _numeric_targets(column: pd.Series, shown: str, label_column: str) -> np.ndarray:
+    """Regression targets as float32 (N,); raise on text, missing or infinite values."""
+    values, first_bad_row = _to_numeric(column)
+    if values is None:
+        example = _cell_text(column.iloc[first_bad_row])
+        raise DataError(
+            f"{shown}: regression target column {label_column!r} is not numeric "
+            f"(e.g. {example!r} in row {first_bad_row})"
+        )
+    targets = values.astype(np.float32)
+    not_finite = ~np.isfinite(targets)
+    if not_finite.any():
+        row = int(np.flatnonzero(not_finite)[0])
+        raise DataError(f"{shown}: missing, NaN or infinite target in column {label_column!r} at row {row}")
+    return targets
+
+
+def _sorted_class_names(names: Iterable[str]) -> list[str]:
+    """Unique names sorted as text, or numerically when every name is an integer ("9" < "10")."""
+    unique = set(names)
+    if all(_INTEGER_TEXT.fullmatch(name) for name in unique):
+        return sorted(unique, key=lambda name: (int(name), name))
+    return sorted(unique)
+
+
+def _class_indices(labels: list[str], shown: str) -> tuple[list[str], torch.Tensor]:
+    """Sorted class names (see _sorted_class_names) and int64 indices into them."""
+    class_names = _sorted_class_names(labels)
+    if len(class_names) < 2:
+        raise DataError(
+            f"only one class ({class_names[0]!r}) among the readable examples of {shown}; "
+            "classification needs at least two"
+        )
+    index_of = {name: index for index, name in enumerate(class_names)}
+    return class_names, torch.tensor([index_of[label] for label in labels], dtype=torch.int64)

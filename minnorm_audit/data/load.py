@@ -1,0 +1,129 @@
+""":func:`load_dataset`: a path on disk to a :class:`~minnorm_audit.data.dataset.LoadedDataset`.
+
+A folder is an image folder (:mod:`.folder`); a ``.csv`` or ``.parquet`` file is a
+manifest (:mod:`.manifest`) when it has the path column, else a table (:mod:`.table`).
+Nothing under the data path is ever created, changed or deleted: files are opened for
+reading only and nothing is cached beside them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .dataset import FORMATS, TASKS, DataError, LoadedDataset
+from .folder import _load_image_folder
+from .manifest import _data_root_folder, _load_manifest
+from .table import _load_table, _read_frame
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    format: str = "auto",
+    label_column: str = "label",
+    path_column: str = "path",
+    task: str = "classification",
+    image_size: int = 32,
+    feature_columns: list[str] | None = None,
+    data_root: str | Path | None = None,
+    max_memory_gb: float | None = None,
+) -> LoadedDataset:
+    """Load an image folder, a manifest or a table, read-only.
+
+    Parameters
+    ----------
+    path : str or Path
+        A folder (image folder) or a ``.csv``/``.parquet`` file (manifest or table).
+    format : {"auto", "images", "manifest", "table"}, default="auto"
+        ``"auto"``: a folder is an image folder; a file is a manifest when it has
+        ``path_column``, else a table.
+    label_column : str, default="label"
+        Manifest and table: the column holding labels (or regression targets).
+    path_column : str, default="path"
+        Manifest: the column holding image paths, relative to the manifest's folder.
+    task : {"classification", "regression"}, default="classification"
+        Regression needs a manifest or a table with a numeric label column.
+    image_size : int, default=32
+        Images are resized to ``image_size x image_size``. The whole image is resized
+        (bilinear, antialiased when shrinking) and the aspect ratio is not kept, so
+        nothing is cropped away: a mislabel visible only at an edge stays visible.
+    feature_columns : list of str, optional
+        Table: the feature columns. Default: every column but ``label_column``.
+    data_root : str or Path, optional
+        Manifest only: the folder its paths are relative to, instead of the
+        manifest's own folder (e.g. a manifest written by ``minnorm-audit clean``,
+        which lives outside the data). Paths must still stay inside that folder.
+    max_memory_gb : float, optional
+        Images: the most decoded pixels (``N x 3 x S x S`` bytes) to hold in memory.
+        Above it, ``inputs`` is a :class:`~minnorm_audit.data.placement.LazyImages` that
+        decodes each image on access (same pixels), after a cheap pre-scan that sets
+        unreadable files aside. Default: half of the memory available now.
+
+    Returns
+    -------
+    LoadedDataset
+
+    Raises
+    ------
+    DataError
+        The input is unusable as a whole; the message is one line naming the problem
+        and the file.
+    ValueError
+        An argument is out of range (``format``, ``task``, ``image_size``).
+
+    Notes
+    -----
+    Labels are turned into text (``3`` and ``3.0`` both become ``"3"``; surrounding
+    spaces are dropped) and sorted into class indices, numerically when every label is
+    an integer (so ``"10"`` comes after ``"9"``). Only classes with at least one kept
+    example are listed.
+
+    Images: every file in a class folder, at any depth, is tried as one of
+    ``IMAGE_FORMATS`` (hidden files and folders, whose name starts with ``.``, are
+    skipped); those that cannot be decoded are set aside with a reason, as are files
+    lying directly in the root. Multi-frame files (GIF, TIFF) give their first frame.
+    Palette, gray, CMYK, 1-bit and 16-bit/float images become RGB: transparency is
+    composited onto white, and 16-bit/32-bit/float images are scaled by their own
+    maximum (float images already within [0, 1] by 1) so 12-bit data stored in 16 bits
+    is not near-black. EXIF orientation is applied. JPEGs much larger than ``image_size`` are decoded at a
+    reduced scale (``Image.draft``). Pillow's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``) stays on: an image over it is set aside.
+
+    Row numbers in messages and in table ``sources`` are 0-based data rows (the header
+    is not counted).
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+    data_path = Path(path).expanduser()
+    shown = str(path)
+    if not data_path.exists():
+        raise DataError(f"data path not found: {shown}")
+    root = data_path.resolve()
+
+    if root.is_dir():
+        if data_root is not None:
+            raise DataError(f"a data root applies to a manifest, but {shown} is a folder")
+        if format not in ("auto", "images"):
+            raise DataError(f"format {format!r} needs a .csv or .parquet file, but {shown} is a folder")
+        if task != "classification":
+            raise DataError(
+                f"task {task!r} needs a manifest or table with numeric targets, but {shown} is an image folder"
+            )
+        return _load_image_folder(root, shown, image_size=image_size, max_memory_gb=max_memory_gb)
+
+    if format == "images":
+        raise DataError(f"format 'images' needs a folder of class subfolders, but {shown} is a file")
+    frame = _read_frame(root, shown)
+    if format == "manifest" or (format == "auto" and path_column in frame.columns):
+        return _load_manifest(
+            frame, root, shown, label_column=label_column, path_column=path_column, task=task, image_size=image_size,
+            base_dir=_data_root_folder(data_root), max_memory_gb=max_memory_gb,
+        )
+    if data_root is not None:
+        raise DataError(f"a data root applies to a manifest (a file with a {path_column!r} column), but {shown} is a table")
+    return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task)

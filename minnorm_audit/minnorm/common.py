@@ -1,0 +1,24 @@
+"""Names every layer of the package shares: the constraint forms, the error for a saved
+state that does not fit, the floor of the violation sums and a dtype helper."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+ConstraintForm = Literal["margin", "equality"]
+
+
+class StateMismatchError(ValueError):
+    """A saved Minnorm state does not belong to this dataset or problem."""
+
+
+#: Lowest value one visit adds to the violation sums: an example far inside its margin
+#: at one visit cannot cancel many visits at which it was violated.
+VIOLATION_FLOOR = -5.0
+
+
+def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor.to(dtype)`` without the dispatch when it is already ``dtype``."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)

@@ -1,0 +1,44 @@
+"""Minnorm training of a network on a loaded dataset: the "train" step of the data path.
+
+- ``fit.py``: :func:`fit` as its named steps (start_run, train_epochs, end_epoch, finish).
+- ``config.py``: :class:`TrainConfig`, :class:`FitResult`, the score states, the errors.
+- ``checkpoint.py``: the resume checkpoint (atomic write, weights-only load, restore).
+- ``predict.py``: outputs and margins of the trained network; bf16 autocast.
+- ``distributed.py``: torchrun / DistributedDataParallel (rank slices, merged dual updates).
+- ``models.py``: the default networks (MLP, plain CNN, torchvision) behind a standardizer.
+
+Imports run down the data path: this package uses ``data`` and ``minnorm``, which never
+import it. Note that ``minnorm_audit.training.fit`` is the function; the module is
+``importlib.import_module("minnorm_audit.training.fit")``.
+"""
+
+from .checkpoint import atomic_torch_save, load_checkpoint
+from .config import SCORE_STATES, FitResult, TrainConfig, TrainingError, TrainingInterrupted
+from .distributed import DistributedContext, is_main_process, teardown
+from .fit import cap_multipliers, check_finite, fit, resolve_device, train_one_epoch
+from .models import Standardize, build_model, build_streamed_model
+from .predict import autocast_context, output_margins, predict
+
+__all__ = [
+    "SCORE_STATES",
+    "DistributedContext",
+    "FitResult",
+    "Standardize",
+    "TrainConfig",
+    "TrainingError",
+    "TrainingInterrupted",
+    "atomic_torch_save",
+    "autocast_context",
+    "build_model",
+    "build_streamed_model",
+    "cap_multipliers",
+    "check_finite",
+    "fit",
+    "is_main_process",
+    "load_checkpoint",
+    "output_margins",
+    "predict",
+    "resolve_device",
+    "teardown",
+    "train_one_epoch",
+]

@@ -1,0 +1,433 @@
+"""fit(): Minnorm training of a network, with checkpoint/resume and diagnostics.
+
+One code path for CPU and GPU: every epoch draws a seeded ``randperm`` and splits it
+into batches of example ids, which are exactly what the multiplier lookup needs. The
+data is held on the training device when it fits (airbench style), else batches come
+from a DataLoader with workers and pinned memory (data/'s batch sources). bf16
+autocast on CUDA, a no-op elsewhere.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the model is wrapped in
+DistributedDataParallel, each global batch is split into contiguous per-rank slices
+and the dual updates are merged across ranks (``distributed.py``); every rank ends
+with the same multipliers, and only rank 0 writes the checkpoint and shows progress.
+
+fit() is its steps, in order: :func:`start_run` (seed, device, data, model,
+optimizer), resume from the checkpoint or write the epoch-0 one, :func:`train_epochs`
+(each epoch: :func:`run_epoch`, then :func:`end_epoch`: check_finite, cap, running
+average, checkpoint) and :func:`finish` (predictions and multipliers -> FitResult).
+The state they share is one :class:`TrainingRun`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.placement import BatchSource, LazyImages, make_batch_source
+from ..minnorm import ConstraintForm, Minnorm
+from . import distributed
+from .checkpoint import atomic_torch_save, build_checkpoint, restore_checkpoint
+from .config import CAP_QUANTILE, SCORE_STATES, FitResult, TrainConfig, TrainingError, TrainingInterrupted
+from .predict import autocast_context, output_margins, predict
+
+# FitResult holds full examples x outputs arrays up to this many elements (256 MB each
+# in float32). Beyond it (an ImageNet-size audit: 1.28M x 1000 would be 5 GB per array)
+# they stay None and scoring reads the trained state a block of rows at a time.
+DENSE_RESULT_ELEMENTS = 1 << 26
+
+
+@dataclass
+class TrainingRun:
+    """What one fit() call carries from step to step."""
+
+    config: TrainConfig
+    form: ConstraintForm
+    num_examples: int
+    num_outputs: int
+    dataset_fingerprint: str
+    checkpoint_path: Path | None
+    context: distributed.DistributedContext
+    device: torch.device
+    model: nn.Module  # the network itself: its state_dict is what is checkpointed
+    training_model: nn.Module  # the one trained: ``model``, or ``model`` in DDP under torchrun
+    source: BatchSource
+    targets: torch.Tensor
+    optimizer: Minnorm
+    batch_generator: torch.Generator
+    history: list[dict[str, float]] = field(default_factory=list)
+    start_epoch: int = 0
+
+
+def fit(
+    model: nn.Module,
+    inputs: torch.Tensor | LazyImages,
+    targets: torch.Tensor,
+    *,
+    form: ConstraintForm,
+    num_outputs: int,
+    config: TrainConfig,
+    dataset_fingerprint: str = "",
+    checkpoint_path: Path | None = None,
+    resume: bool = False,
+    progress: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Train ``model`` on ``(inputs, targets)`` with Minnorm and return its multipliers.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps a batch of ``inputs`` to ``(batch, num_outputs)``.
+    inputs : Tensor or LazyImages
+        The whole dataset; example ``i`` is row ``i`` (its id). Held on the device when
+        it fits ``config.max_memory_gb``, else fed by a DataLoader (data/'s batch sources).
+    targets : Tensor
+    form : {"margin", "equality"}
+    num_outputs : int
+    config : TrainConfig
+    dataset_fingerprint : str
+        Stored in checkpoints; resuming refuses a checkpoint of other data.
+    checkpoint_path : Path, optional
+        Written atomically after every epoch.
+    resume : bool
+        Continue from ``checkpoint_path``.
+    progress : bool
+        Show a tqdm bar on stderr.
+    on_epoch : callable, optional
+        Called with each epoch's diagnostics.
+
+    Returns
+    -------
+    FitResult
+        The same on every rank of a torchrun launch.
+    """
+    run = start_run(model, inputs, targets, form=form, num_outputs=num_outputs, config=config,
+                    dataset_fingerprint=dataset_fingerprint, checkpoint_path=checkpoint_path)
+    if resume:
+        run.history, run.start_epoch = restore_checkpoint(
+            checkpoint_path, run.model, run.optimizer, run.batch_generator,
+            num_examples=run.num_examples, dataset_fingerprint=dataset_fingerprint,
+        )
+    else:
+        # Epoch 0 is a consistent state too: a run stopped in its first epoch
+        # (Ctrl-C, kill) resumes from here.
+        save_checkpoint(run, 0)
+    train_seconds = train_epochs(run, progress=progress, on_epoch=on_epoch)
+    return finish(run, train_seconds)
+
+
+def start_run(
+    model: nn.Module,
+    inputs: torch.Tensor | LazyImages,
+    targets: torch.Tensor,
+    *,
+    form: ConstraintForm,
+    num_outputs: int,
+    config: TrainConfig,
+    dataset_fingerprint: str,
+    checkpoint_path: Path | None,
+) -> TrainingRun:
+    """Seed, pick the device (joining the process group under torchrun), place the
+    data, move and wrap the model, build the optimizer and the batch order generator."""
+    context, device = distributed.setup(resolve_device(config.device))
+    seed_everything(config.seed, config.deterministic)
+    if device.type == "cuda" and not config.deterministic:
+        torch.backends.cudnn.benchmark = True  # few batch shapes: tuned once each
+    num_examples = int(inputs.shape[0])
+    model = model.to(device)
+    # The whole dataset on the device when it fits (the common case for audits of up
+    # to a few hundred thousand small images or embeddings), else a DataLoader.
+    source = make_batch_source(inputs, device, workers=config.workers, max_memory_gb=config.max_memory_gb)
+    targets = targets.to(device)
+    training_model = distributed.wrap_model(model, context, device)
+    optimizer = make_minnorm(model, form=form, num_examples=num_examples, num_outputs=num_outputs,
+                             config=config, dataset_fingerprint=dataset_fingerprint, device=device)
+    if config.score_state not in SCORE_STATES:
+        raise TrainingError(f"score_state must be one of {', '.join(SCORE_STATES)}, got {config.score_state!r}")
+    batch_generator = torch.Generator(device="cpu")
+    batch_generator.manual_seed(config.seed)
+    return TrainingRun(
+        config=config, form=form, num_examples=num_examples, num_outputs=num_outputs,
+        dataset_fingerprint=dataset_fingerprint,
+        checkpoint_path=checkpoint_path, context=context, device=device, model=model,
+        training_model=training_model, source=source, targets=targets, optimizer=optimizer,
+        batch_generator=batch_generator,
+    )
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("--device cuda was asked for but no CUDA GPU is available")
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    ):
+        raise TrainingError("--device mps was asked for but MPS is not available")
+    if name not in ("cpu", "cuda", "mps"):
+        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed torch and numpy; ``deterministic`` asks for deterministic kernels too."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+def make_base_optimizer(name: str, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The optimizer that takes Minnorm's weight steps."""
+    if name == "adam":
+        return torch.optim.Adam(parameters, lr=lr)
+    if name == "adamw":
+        # Weight decay off: the norm term is Minnorm's own.
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr)
+    raise TrainingError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
+
+
+def make_minnorm(
+    model: nn.Module,
+    *,
+    form: ConstraintForm,
+    num_examples: int,
+    num_outputs: int,
+    config: TrainConfig,
+    dataset_fingerprint: str,
+    device: torch.device,
+) -> Minnorm:
+    """The Minnorm wrapper around ``config.optimizer`` over the model's trainable parameters."""
+    base = make_base_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], config.lr)
+    try:
+        return Minnorm(
+            base,
+            num_examples=num_examples,
+            num_outputs=num_outputs,
+            form=form,
+            margin=config.margin,
+            dual_lr=config.dual_lr,
+            damping=config.damping,
+            model=model,
+            dataset_fingerprint=dataset_fingerprint,
+            device=device,
+            # A float64 model (closed-form checks) keeps float64 multipliers.
+            multiplier_dtype=torch.promote_types(_parameter_dtype(model), torch.float32),
+            track_violations=config.score_state == "violation",
+            multiplier_store=config.multiplier_store,  # type: ignore[arg-type]
+            multiplier_slots=config.multiplier_slots,
+            memory_budget_bytes=int(config.multiplier_memory_gb * 1e9),
+        )
+    except ValueError as error:  # e.g. violations asked for beside the compact store
+        raise TrainingError(str(error)) from error
+
+
+def save_checkpoint(run: TrainingRun, epochs_done: int) -> None:
+    """Write the run's state after ``epochs_done`` epochs (rank 0, when a path is set)."""
+    if run.checkpoint_path is not None and run.context.is_main:
+        state = build_checkpoint(
+            run.model, run.optimizer, run.batch_generator, run.history, epoch=epochs_done,
+            num_examples=run.num_examples, dataset_fingerprint=run.dataset_fingerprint,
+        )
+        atomic_torch_save(state, Path(run.checkpoint_path))
+
+
+def train_epochs(
+    run: TrainingRun, *, progress: bool, on_epoch: Callable[[dict[str, float]], None] | None
+) -> float:
+    """Epochs ``run.start_epoch`` to ``config.epochs``; returns the seconds they took."""
+    bar = _progress_bar(run.config.epochs, run.start_epoch, progress and run.context.is_main)
+    started = time.perf_counter()
+    run.model.train()
+    for epoch in range(run.start_epoch, run.config.epochs):
+        run_epoch(run, epoch, bar)
+        diagnostics = end_epoch(run, epoch)
+        if bar is not None:
+            bar.set_postfix(
+                violation=f"{diagnostics['max_violation']:.3g}",
+                fitted=f"{diagnostics['fraction_fitted']:.1%}",
+            )
+            bar.update(1)
+        if on_epoch is not None and run.context.is_main:
+            on_epoch(diagnostics)
+    if bar is not None:
+        bar.close()
+    return time.perf_counter() - started
+
+
+def run_epoch(run: TrainingRun, epoch: int, bar: Any = None) -> None:
+    """One epoch of training; Ctrl-C becomes :class:`TrainingInterrupted`."""
+    try:
+        train_one_epoch(run.training_model, run.optimizer, run.source, run.targets, run.config.batch_size,
+                        run.batch_generator, run.context)
+    except KeyboardInterrupt:
+        # Mid-epoch state is not resumable; the checkpoint of the last finished
+        # epoch is (written after every epoch, atomically).
+        if bar is not None:
+            bar.close()
+        raise TrainingInterrupted(epoch, run.checkpoint_path if run.context.is_main else None) from None
+
+
+def end_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """After epoch ``epoch`` (0-based): check, cap, average, record and checkpoint;
+    returns the epoch's diagnostics."""
+    diagnostics = run.optimizer.diagnostics()
+    # Before anything is saved: a diverged epoch never replaces the last good checkpoint.
+    check_finite(run.optimizer, diagnostics, config=run.config, epoch=epoch + 1, checkpoint_path=run.checkpoint_path)
+    cap_multipliers(run.optimizer, run.config.multiplier_cap)
+    # Running mean of the multipliers over epochs: the "average" score state.
+    run.optimizer.accumulate_average()
+    diagnostics = {"epoch": epoch + 1, **diagnostics}
+    run.history.append(diagnostics)
+    save_checkpoint(run, epoch + 1)
+    return diagnostics
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: Minnorm,
+    source: BatchSource,
+    targets: torch.Tensor,
+    batch_size: int,
+    batch_generator: torch.Generator,
+    context: distributed.DistributedContext | None = None,
+) -> None:
+    """One pass over the data in random batches; every example is seen exactly once.
+
+    The permutation is the same on every rank; each rank trains on its contiguous
+    slice of every global batch (all of it in a single process).
+    """
+    context = context or distributed.DistributedContext()
+    order = torch.randperm(len(source), generator=batch_generator)
+    global_batches = list(order.split(batch_size))
+    local_batches = [distributed.rank_slice(batch, context) for batch in global_batches]
+    # Every example once per epoch: the dual updates may be applied a window at a time.
+    with optimizer.deferred_dual_updates():
+        for global_batch, (batch_ids, batch_inputs) in zip(global_batches, source.iterate(local_batches)):
+            with autocast_context(batch_inputs.device):
+                outputs = model(batch_inputs)
+            loss = optimizer.lagrangian(outputs, targets.index_select(0, batch_ids), batch_ids)
+            if context.enabled:
+                # DDP averages gradients; the Lagrangian is a sum over the global batch.
+                loss = loss * context.world_size
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            distributed.merge_pending(optimizer, global_batch, context)
+            optimizer.step()
+
+
+def check_finite(
+    optimizer: Minnorm,
+    diagnostics: dict[str, float],
+    *,
+    config: TrainConfig | None = None,
+    epoch: int | None = None,
+    checkpoint_path: Path | None = None,
+) -> None:
+    """Stop with one line naming the likely cause and the setting to change when an
+    epoch left NaN or inf in the weights, the norm or the multipliers (and with them
+    in the Lagrangian, whose value they make up). Called before the epoch's checkpoint
+    is written, so the last good one stays on disk."""
+    weights_finite = all(bool(torch.isfinite(p).all()) for group in optimizer.param_groups for p in group["params"])
+    weights_finite = weights_finite and math.isfinite(diagnostics["norm"])
+    multipliers_finite = optimizer.multipliers_finite()
+    if weights_finite and multipliers_finite:
+        return
+    when = f" in epoch {epoch}" if epoch is not None else ""
+    if not weights_finite:
+        # Huge steps blow the weights up first; the multipliers follow through the outputs.
+        cause = "the weights became NaN or inf, most likely a learning rate too high for this model and data"
+        advice = "lower --lr or --dual-lr (start with --lr" + (f", now {config.lr:g})" if config else ")")
+    else:
+        cause = "the multipliers became NaN or inf while the weights stayed finite, most likely too large a dual step"
+        advice = "lower --lr or --dual-lr (start with --dual-lr" + (f", now {config.dual_lr:g})" if config else ")")
+    if checkpoint_path is not None and Path(checkpoint_path).exists():
+        kept = f"; the last good checkpoint ({checkpoint_path}, epoch {max((epoch or 1) - 1, 0)}) is kept"
+    else:
+        kept = "; nothing was saved from this epoch"
+    raise TrainingError(
+        f"training diverged{when}: {cause}; {advice} and start a new run (inputs with NaN or inf values "
+        f"do the same: check the data if lowering does not help){kept}"
+    )
+
+
+def cap_multipliers(optimizer: Minnorm, kappa: float | None) -> None:
+    """Set the soft-margin cap from the current multipliers (margin form only; see
+    ``config.SCORE_STATES`` for why)."""
+    if kappa is None or optimizer.form != "margin":
+        return
+    largest = optimizer.multipliers.row_max().detach().float()
+    rank = max(1, int(math.ceil(CAP_QUANTILE * largest.numel())))
+    quantile = float(largest.kthvalue(rank).values)
+    optimizer.max_multiplier = kappa * quantile if quantile > 0 else None
+
+
+def finish(run: TrainingRun, train_seconds: float) -> FitResult:
+    """The trained state as a FitResult: final outputs or margins, and the full
+    multiplier arrays while they are small (scoring reads larger runs from the
+    optimizer in blocks, FitResult.state_rows)."""
+    dense_result = run.form == "equality" or run.num_examples * run.num_outputs <= DENSE_RESULT_ELEMENTS
+    if dense_result:
+        final_outputs = predict(run.model, run.source, run.config.batch_size, run.context)
+        final_margins = (
+            None if run.form == "equality"
+            else output_margins(torch.from_numpy(final_outputs), run.targets.cpu()).numpy()
+        )
+    else:
+        final_outputs = None
+        final_margins = predict(run.model, run.source, run.config.batch_size, run.context, margins_for=run.targets)
+    run.source.close()
+    labels = None if run.form == "equality" else run.targets.detach().cpu().numpy().astype(np.int64)
+    return FitResult(
+        final_multipliers=_dense_state(run, "final", dense_result),
+        average_multipliers=_dense_state(run, "average", dense_result),
+        labels=labels,
+        final_outputs=final_outputs,
+        final_margins=final_margins,
+        minnorm=run.optimizer,
+        history=run.history,
+        epochs_run=len(run.history),
+        train_seconds=train_seconds,
+        device=str(run.device),
+        data_placement=run.source.placement,
+        world_size=run.context.world_size,
+        mean_violations=_dense_state(run, "violation", dense_result),
+    )
+
+
+def _dense_state(run: TrainingRun, state: str, dense_result: bool) -> np.ndarray | None:
+    if not dense_result or (state == "violation" and run.optimizer.visits is None):
+        return None
+    return run.optimizer.state_rows(state, 0, run.num_examples).detach().cpu().numpy()
+
+
+def _parameter_dtype(model: nn.Module) -> torch.dtype:
+    first = next(model.parameters(), None)
+    return first.dtype if first is not None and first.is_floating_point() else torch.float32
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):  # type: ignore[no-untyped-def]
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="minnorm", unit="epoch", file=sys.stderr, leave=False)

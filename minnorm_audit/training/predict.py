@@ -1,0 +1,93 @@
+"""The trained network's outputs and margins for every example (batch-wise, eval
+mode, gathered across torchrun ranks), and the autocast both training and
+prediction run under."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.placement import BatchSource, make_batch_source
+from . import distributed
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA where supported; nothing elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def output_margins(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Given-label output minus the best other output, float64 on the outputs' device
+    (binary single output: the signed output)."""
+    outputs = outputs.double().reshape(outputs.shape[0], -1)
+    labels = labels.long().reshape(-1, 1).to(outputs.device)
+    if outputs.shape[1] == 1:
+        return ((2 * labels - 1) * outputs)[:, 0]
+    own = outputs.gather(1, labels)[:, 0]
+    others = outputs.scatter(1, labels, float("-inf")).amax(dim=1)
+    return own - others
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    source: BatchSource | torch.Tensor,
+    batch_size: int,
+    context: distributed.DistributedContext | None = None,
+    *,
+    margins_for: torch.Tensor | None = None,
+) -> np.ndarray:
+    """Network outputs for every example, as float32 numpy (batch-wise, eval mode);
+    with ``margins_for`` (the labels) only each example's margin (:func:`output_margins`),
+    so an examples x classes table is never built.
+
+    In a torchrun launch each rank predicts a contiguous shard and the shards are
+    gathered, so every rank returns all outputs.
+    """
+    context = context or distributed.DistributedContext()
+    if isinstance(source, torch.Tensor):
+        source = make_batch_source(source, next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    shards = torch.tensor_split(torch.arange(len(source)), context.world_size)
+    shard = shards[context.rank]
+    outputs = []
+    for batch_ids, batch_inputs in source.iterate(list(shard.split(max(batch_size, 512)))):
+        with autocast_context(batch_inputs.device):
+            batch_outputs = model(batch_inputs)
+        batch_outputs = batch_outputs.float().reshape(batch_outputs.shape[0], -1)
+        if margins_for is not None:
+            batch_labels = margins_for.index_select(0, batch_ids.to(margins_for.device))
+            batch_outputs = output_margins(batch_outputs, batch_labels).unsqueeze(1)
+        outputs.append(batch_outputs)
+    model.train(was_training)
+    if context.enabled:
+        if outputs:
+            local = torch.cat(outputs)
+        elif margins_for is not None:  # every rank must send the same dtype and width
+            local = torch.zeros((0, 1), dtype=torch.float64, device=_model_device(model))
+        else:
+            local = torch.zeros((0, _output_width(model, source)), device=_model_device(model))
+        gathered = distributed.gather_rows(local, [int(part.numel()) for part in shards], context).cpu().numpy()
+    elif outputs:
+        gathered = torch.cat(outputs).cpu().numpy()
+    else:
+        gathered = np.zeros((0, 1 if margins_for is not None else 0), dtype=np.float32)
+    return gathered[:, 0] if margins_for is not None else gathered
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _output_width(model: nn.Module, source: BatchSource) -> int:
+    """Output width from one example (a rank whose prediction shard is empty)."""
+    _, first = next(source.iterate([torch.arange(1)]))
+    with autocast_context(first.device):
+        return int(model(first).reshape(1, -1).shape[1])

@@ -1,0 +1,271 @@
+"""Writing one audit's run folder, the "write" step of the data path.
+
+From the loaded data, the training run and the scored examples this builds what the
+folder holds (the Parquet schema metadata, summary.json, the set-aside and gallery
+tables) and writes it with report/'s atomic writers; report.html is then rendered
+from the written files alone.
+
+Why here and not in report/: building these needs the in-memory run (the decoded
+inputs for the gallery's thumbnails, the FitResult's history and placement, the
+AuditOptions), while report/ reads and renders only what a run folder holds, so that
+``minnorm-audit report RUN`` re-renders any folder without the data or a model, and
+report/ imports nothing from data/ or training/.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .data import LoadedDataset
+from .report.parquet import (
+    EXAMPLES_DESCRIPTIONS,
+    GALLERY_DESCRIPTIONS,
+    SET_ASIDE_DESCRIPTIONS,
+    write_json_atomic,
+    write_parquet_atomic,
+)
+from .training import FitResult
+
+if TYPE_CHECKING:
+    from .options import AuditOptions
+
+STOPPING_RULE = (
+    "fixed budget of {epochs} epochs (dual time dual_lr x epochs = {dual_time:g}){cap}; "
+    "scores read from {state}"
+)
+SCORED_STATE_TEXT = {
+    "violation": "the mean margin violation per competing class over those epochs (the dual ascent before projection)",
+    "average": "the mean of the multipliers over those epochs",
+    "final": "the multipliers after the last epoch",
+}
+
+
+@dataclass
+class RunRecord:
+    """Everything written beside the examples table."""
+
+    metadata: dict[str, Any]  # every Parquet file's schema metadata
+    summary: dict[str, Any]  # summary.json
+    set_aside: pd.DataFrame  # set_aside.parquet
+
+
+def describe_run(
+    examples: pd.DataFrame,
+    flag_rule: dict[str, Any],
+    result: FitResult,
+    loaded: LoadedDataset,
+    settings: AuditOptions,
+    *,
+    timings: dict[str, float],
+    demo: dict[str, Any] | None = None,
+) -> RunRecord:
+    """The run's metadata, summary and set-aside table."""
+    diagnostics = run_diagnostics(result, settings)
+    config = run_config(result, loaded, settings)
+    versions = package_versions()
+    metadata = {
+        "config": config,
+        "versions": versions,
+        "seed": settings.train.seed,
+        "dataset_fingerprint": loaded.fingerprint,
+        "diagnostics": diagnostics,
+        "class_names": loaded.class_names,
+        "kind": loaded.kind,
+        "task": loaded.task,
+        "data": data_description(loaded),
+        "input": describe_input(loaded, settings),
+        "flag_rule": flag_rule,
+    }
+    summary = build_summary(examples, loaded, flag_rule, diagnostics, result, config, versions,
+                            timings=timings, demo=demo)
+    return RunRecord(metadata=metadata, summary=summary, set_aside=set_aside_frame(loaded))
+
+
+def write_run_folder(
+    run_dir: Path, examples: pd.DataFrame, record: RunRecord, loaded: LoadedDataset, gallery_size: int
+) -> None:
+    """Write examples, set_aside and gallery Parquet files and summary.json, then
+    render report.html from them (rank 0 alone calls this)."""
+    metadata = record.metadata
+    write_parquet_atomic(run_dir / "examples.parquet", examples, descriptions=EXAMPLES_DESCRIPTIONS, metadata=metadata)
+    write_parquet_atomic(run_dir / "set_aside.parquet", record.set_aside, descriptions=SET_ASIDE_DESCRIPTIONS,
+                         metadata=metadata)
+    gallery = build_gallery(examples, loaded, gallery_size)
+    write_parquet_atomic(run_dir / "gallery.parquet", gallery, descriptions=GALLERY_DESCRIPTIONS, metadata=metadata)
+    write_json_atomic(run_dir / "summary.json", record.summary)
+    from .report.html import render_report
+
+    render_report(run_dir)
+
+
+def run_diagnostics(result: FitResult, settings: AuditOptions) -> dict[str, Any]:
+    """The last epoch's diagnostics, with the stopping rule and the statistic scored."""
+    diagnostics = dict(result.history[-1]) if result.history else {}
+    diagnostics.update(
+        epochs=result.epochs_run,
+        scored_epoch=result.epochs_run,
+        stopping_rule=STOPPING_RULE.format(
+            epochs=settings.train.epochs,
+            dual_time=settings.train.dual_lr * settings.train.epochs,
+            cap=(
+                f", multipliers capped at {settings.train.multiplier_cap:g} x their 90th percentile"
+                if settings.train.multiplier_cap is not None else ", no multiplier cap"
+            ),
+            state=SCORED_STATE_TEXT[settings.train.score_state],
+        ),
+        score_statistic=settings.statistic,
+    )
+    return diagnostics
+
+
+def run_config(result: FitResult, loaded: LoadedDataset, settings: AuditOptions) -> dict[str, Any]:
+    """The settings of the run, with where it actually ran."""
+    return {
+        **settings.train.to_dict(),
+        "model": settings.model,
+        "format": settings.format,
+        "task": loaded.task,
+        "image_size": loaded.image_size,
+        "statistic": settings.statistic,
+        "device": result.device,
+        "requested_device": settings.train.device,
+        "data_placement": result.data_placement,
+        "world_size": result.world_size,
+    }
+
+
+def package_versions() -> dict[str, str]:
+    return {
+        "minnorm_audit": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def set_aside_frame(loaded: LoadedDataset) -> pd.DataFrame:
+    """The items that could not be used, with the reason (``set_aside.parquet``)."""
+    return pd.DataFrame(
+        {"source": [item.source for item in loaded.set_aside], "reason": [item.reason for item in loaded.set_aside]},
+        columns=["source", "reason"],
+    ).astype({"source": "string", "reason": "string"})
+
+
+def describe_input(loaded: LoadedDataset, settings: AuditOptions) -> dict[str, Any]:
+    """Where the audited examples came from, for ``clean`` to find them again.
+
+    ``layout`` is ``images`` (image folder), ``manifest``, ``table``, or for data
+    given in memory ``dataframe``, ``arrays`` or ``dataset``; ``paths_relative_to``
+    is the folder that image ``source`` paths are relative to.
+    """
+    if loaded.root is None:
+        return {"layout": loaded.origin, "kind": loaded.kind}
+    layout = "images" if loaded.root.is_dir() else ("manifest" if loaded.kind == "images" else "table")
+    described: dict[str, Any] = {"layout": layout, "kind": loaded.kind, "path": str(loaded.root)}
+    if layout == "images":
+        described["paths_relative_to"] = str(loaded.root)
+    elif layout == "manifest":
+        base = Path(settings.data_root).expanduser().resolve() if settings.data_root is not None else loaded.root.parent
+        described.update(paths_relative_to=str(base), path_column=settings.path_column)
+    if layout in ("manifest", "table"):
+        described["label_column"] = settings.label_column
+    if layout == "table":
+        described["feature_columns"] = list(loaded.feature_names)
+    return described
+
+
+def data_description(loaded: LoadedDataset) -> str:
+    """The data as summary.json and the page name it: its path, or what was given in memory."""
+    return str(loaded.root) if loaded.root is not None else f"in-memory {loaded.origin}"
+
+
+def build_summary(
+    examples: pd.DataFrame,
+    loaded: LoadedDataset,
+    flag_rule: dict[str, Any],
+    diagnostics: dict[str, Any],
+    result: FitResult,
+    config: dict[str, Any],
+    versions: dict[str, str],
+    *,
+    timings: dict[str, float],
+    demo: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """summary.json: counts per flag and class, diagnostics, timings, thresholds."""
+    counts = {flag: int((examples["flag"] == flag).sum()) for flag in ("mislabeled", "hard", "ok")}
+    per_class = []
+    if loaded.task == "classification":
+        for name in loaded.class_names:
+            rows = examples[examples["given_label"] == name]
+            per_class.append(
+                {
+                    "class": name,
+                    "count": int(len(rows)),
+                    "mislabeled": int((rows["flag"] == "mislabeled").sum()),
+                    "hard": int((rows["flag"] == "hard").sum()),
+                }
+            )
+    summary: dict[str, Any] = {
+        "tool": "minnorm-audit",
+        "version": __version__,
+        "data": data_description(loaded),
+        "kind": loaded.kind,
+        "task": loaded.task,
+        "num_examples": int(len(examples)),
+        "num_set_aside": len(loaded.set_aside),
+        "class_names": loaded.class_names,
+        "counts": counts,
+        "per_class": per_class,
+        "flag_rule": flag_rule,
+        "diagnostics": diagnostics,
+        "history": result.history,
+        "timings": timings,
+        "config": config,
+        "versions": versions,
+        "dataset_fingerprint": loaded.fingerprint,
+    }
+    if demo is not None:
+        summary["demo"] = demo
+    return summary
+
+
+def build_gallery(examples: pd.DataFrame, loaded: LoadedDataset, size: int) -> pd.DataFrame:
+    """The top ``size`` flagged examples with a PNG thumbnail (images) or feature row."""
+    flagged = examples[examples["flag"] != "ok"].sort_values("difficulty", ascending=False).head(max(size, 0))
+    columns = [c for c in ("example_id", "source", "given_label", "suggested_label", "competing_label",
+                           "given_target", "predicted_target", "difficulty", "difficulty_percentile", "flag")
+               if c in examples.columns]
+    gallery = flagged[columns].reset_index(drop=True)
+    thumbnails: list[bytes | None] = []
+    features: list[str | None] = []
+    for example_id in gallery["example_id"].tolist():
+        if loaded.kind == "images":
+            thumbnails.append(png_bytes(loaded.inputs[example_id]))
+            features.append(None)
+        else:
+            row = loaded.inputs[example_id].tolist()[:16]
+            thumbnails.append(None)
+            features.append(json.dumps(dict(zip(loaded.feature_names[:16], (round(v, 6) for v in row)))))
+    gallery["thumbnail_png"] = pd.Series(thumbnails, dtype=object)
+    gallery["feature_values"] = pd.array(features, dtype="string")
+    return gallery
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """A uint8 ``(3, H, W)`` tensor as PNG bytes."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image.permute(1, 2, 0).contiguous().numpy()).save(buffer, format="PNG")
+    return buffer.getvalue()
