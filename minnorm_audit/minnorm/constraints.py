@@ -77,12 +77,15 @@ def effective_multipliers(
     form: ConstraintForm,
     num_outputs: int,
     damping: float,
+    max_multiplier: float | None = None,
 ) -> torch.Tensor:
-    """Augmented-Lagrangian multipliers used in the weight step."""
+    """Augmented-Lagrangian multipliers used in the weight step: margin form
+    ``clip(lambda - damping * g, 0, max_multiplier)`` (the soft-margin box applies here
+    too, so the fixed point is the C-SVM's), equality form ``mu + damping * g``."""
     if form == "equality":
         return multipliers + damping * constraint_values
-    # The arithmetic of lagrangian(): one add with alpha.
-    effective = torch.add(multipliers, constraint_values, alpha=-damping).relu_()
+    # The arithmetic of lagrangian(): one add with alpha, then the box.
+    effective = torch.add(multipliers, constraint_values, alpha=-damping).clamp_(min=0.0, max=max_multiplier)
     return effective * competing_mask(labels, num_outputs)
 
 
@@ -110,6 +113,7 @@ def linear_term(
     margin: float,
     damping: float,
     device: torch.device,
+    max_multiplier: float | None = None,
 ) -> LinearTerm:
     """The constraint term of :meth:`.optimizer.Minnorm.lagrangian` for the promoted,
     detached ``outputs`` and the batch's ``multipliers``.
@@ -142,8 +146,10 @@ def linear_term(
         if labels.ndim != 1:
             labels = labels.reshape(-1)
         constraint_values = margin_values(detached, labels, num_outputs=num_outputs, margin=margin)
-        # lambda - damping * g in one pass (promoted to the wider dtype), then relu.
-        effective = torch.add(multipliers, constraint_values, alpha=-damping).relu_()
+        # lambda - damping * g in one pass (promoted to the wider dtype), then the box
+        # [0, C]: without the upper bound the weight step pushes a capped example with
+        # up to C + damping * |g|, and the fixed point is not the soft-margin problem's.
+        effective = torch.add(multipliers, constraint_values, alpha=-damping).clamp_(min=0.0, max=max_multiplier)
         if num_outputs == 1:
             # -sum lambda_eff (s f - m): d/df = -lambda_eff * s.
             signs = labels.unsqueeze(1).to(work_dtype).mul_(2).sub_(1)

@@ -238,7 +238,8 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
     ) -> torch.Tensor:
         """Augmented-Lagrangian multipliers used in the weight step."""
         return constraints.effective_multipliers(
-            multipliers, constraint_values, labels, form=self.form, num_outputs=self.num_outputs, damping=self.damping
+            multipliers, constraint_values, labels, form=self.form, num_outputs=self.num_outputs,
+            damping=self.damping, max_multiplier=self._max_multiplier,
         )
 
     def lagrangian(
@@ -285,7 +286,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
             raise IndexError(f"example ids must lie in [0, {self.num_examples})") from None
         term = constraints.linear_term(
             outputs.detach(), targets, multipliers, form=self.form, num_outputs=self.num_outputs,
-            margin=self.margin, damping=self.damping, device=self.device,
+            margin=self.margin, damping=self.damping, device=self.device, max_multiplier=self._max_multiplier,
         )
         self._pending.append(
             PendingDualUpdate(example_ids, term.constraint_values, term.labels, multipliers, store.version)
