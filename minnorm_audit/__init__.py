@@ -9,7 +9,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 from .audit import AuditOptions, AuditResult, audit  # noqa: E402
 from .clean import CleanError, CleanResult, Decision, DecisionsError, clean, read_decisions  # noqa: E402
-from .data import DataError, LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset  # noqa: E402
+from .data import DataError, DataNotice, LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset  # noqa: E402
 from .minnorm import Minnorm, StateMismatchError, default_norm_parameters  # noqa: E402
 from .scoring import (  # noqa: E402
     difficulty_scores,
@@ -25,6 +25,7 @@ __all__ = [
     "CleanError",
     "CleanResult",
     "DataError",
+    "DataNotice",
     "Decision",
     "DecisionsError",
     "LoadedDataset",

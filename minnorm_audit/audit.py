@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .data import LazyImages, LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset
+from .data import DataNotice, LazyImages, LoadedDataset, load_arrays, load_dataset, load_frame, load_torch_dataset
 from .minnorm import ConstraintForm
 from .options import AuditOptions
 from .score_run import score_classification, score_regression
@@ -108,9 +109,9 @@ def audit(data: Any, out: str | os.PathLike[str] | None = None, **options: Any) 
         data's file or folder name, or ``dataframe``, ``arrays`` or ``dataset``.
     **options
         Fields of :class:`AuditOptions` (``label_column``, ``task``, ``image_size``,
-        ``flag_fraction``, ``threshold``, ``feature_columns``, ``data_root``, ...)
-        and of :class:`~minnorm_audit.training.TrainConfig` (``epochs``, ``lr``,
-        ``dual_lr``, ``batch_size``, ``seed``, ``device``, ...).
+        ``flag_fraction``, ``threshold``, ``feature_columns``, ``ignore_columns``,
+        ``data_root``, ...) and of :class:`~minnorm_audit.training.TrainConfig`
+        (``epochs``, ``lr``, ``dual_lr``, ``batch_size``, ``seed``, ``device``, ...).
 
     Returns
     -------
@@ -126,6 +127,14 @@ def audit(data: Any, out: str | os.PathLike[str] | None = None, **options: Any) 
     ValueError
         ``out`` lies inside the data folder, or an option is out of range.
 
+    Warns
+    -----
+    DataNotice
+        Once per note the loader made about the input (a saved pandas index left out,
+        pixel values clipped, a ';'-delimited CSV, ...); the notes are also in
+        ``summary["notes"]``. Single unusable rows or items are not warned about: they
+        are in ``result.set_aside``.
+
     Examples
     --------
     >>> result = minnorm_audit.audit(frame, out="reports/frame", label_column="class", epochs=20)
@@ -140,6 +149,8 @@ def audit(data: Any, out: str | os.PathLike[str] | None = None, **options: Any) 
     started = time.perf_counter()
     loaded = load_input(data, settings)
     load_seconds = time.perf_counter() - started
+    for note in loaded.notes:
+        warnings.warn(note, DataNotice, stacklevel=2)
     if out is not None:
         run_dir = Path(out)
     elif loaded.root is None:
@@ -162,12 +173,14 @@ def load_input(data: Any, settings: AuditOptions) -> LoadedDataset:
             feature_columns=settings.feature_columns,
             data_root=settings.data_root,
             max_memory_gb=settings.train.max_memory_gb,
+            ignore_columns=settings.ignore_columns,
+            workers=settings.train.workers,
         )
     if settings.data_root is not None:
         raise TypeError("data_root applies to a manifest on disk, not to data given in memory")
     if isinstance(data, pd.DataFrame):
         return load_frame(data, label_column=settings.label_column, feature_columns=settings.feature_columns,
-                          task=settings.task)
+                          task=settings.task, ignore_columns=settings.ignore_columns)
     if isinstance(data, tuple) and len(data) == 2:
         return load_arrays(data[0], data[1], task=settings.task, image_size=settings.image_size)
     if isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
@@ -187,8 +200,11 @@ def run_audit(
     progress: bool = False,
     load_seconds: float = 0.0,
     demo: dict[str, Any] | None = None,
+    render: bool = True,
 ) -> AuditResult:
-    """Train, score and write every output of one audit into ``run_dir``.
+    """Train, score and write every output of one audit into ``run_dir``
+    (``render=False``: all but report.html, for a caller that adds to the summary and
+    renders the page once itself).
 
     Under torchrun every rank trains and scores (the results agree); rank 0 alone
     writes the run folder.
@@ -202,7 +218,7 @@ def run_audit(
                "total_s": load_seconds + (time.perf_counter() - started)}
     record = describe_run(examples, flag_rule, result, loaded, settings, timings=timings, demo=demo)
     if is_main_process():  # under torchrun, rank 0 alone writes
-        write_run_folder(run_dir, examples, record, loaded, settings.gallery_size)
+        write_run_folder(run_dir, examples, record, loaded, settings.gallery_size, render=render)
     return AuditResult(examples=examples, summary=record.summary, run_dir=run_dir, set_aside=record.set_aside)
 
 
@@ -269,6 +285,7 @@ def train(
         checkpoint_path=run_dir / CHECKPOINT_FILE,
         resume=resume,
         progress=progress,
+        run_settings=settings.to_record(),  # kept in the checkpoint: --resume reuses them
     )
 
 

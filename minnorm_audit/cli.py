@@ -14,6 +14,9 @@ from . import __version__
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "show_default": True}
 EXIT_QA_GATE = 3
+# --fail-on-flagged on an inconclusive audit (the network has not learned the data, so
+# the flags say nothing either way): neither a pass (0) nor a fail (3).
+EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -38,7 +41,8 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--seed", type=int, default=0),
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
         click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
-        click.option("--workers", type=click.IntRange(min=0), default=defaults.workers, help="DataLoader worker processes decoding streamed images."),
+        click.option("--workers", type=click.IntRange(min=0), default=defaults.workers, help="Worker processes decoding images: a pool for 2,000+ files decoded into memory (0: none), DataLoader workers for streamed ones."),
+        click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=defaults.checkpoint_seconds, help="Rewrite the resume checkpoint once this many seconds have passed since the last write (0: after every epoch); it is always written after the last epoch and on Ctrl-C."),
         click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
         click.option("--threshold", type=float, default=None, help="Flag examples with difficulty >= this (overrides --flag-fraction)."),
@@ -77,6 +81,7 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         deterministic=options["deterministic"],
         max_memory_gb=options["max_memory_gb"],
         workers=options["workers"],
+        checkpoint_seconds=options["checkpoint_seconds"],
         score_state=options["score_state"],
         multiplier_cap=None if options["no_multiplier_cap"] else options["multiplier_cap"],
         multiplier_store=options["multiplier_store"],
@@ -114,11 +119,88 @@ def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_outp
     counts = summary["counts"]
     click.echo(
         f"{summary['num_examples']} examples audited ({summary['num_set_aside']} set aside): "
-        f"{counts['mislabeled']} likely mislabeled, {counts['hard']} hard, {counts['ok']} ok",
+        f"{counts['mislabeled']} likely mislabeled, {counts['hard']} hard, {counts.get('outlier', 0)} outliers, "
+        f"{counts['ok']} ok",
         err=True,
     )
     click.echo(f"report: {run_dir / 'report.html'}", err=True)
     click.echo(f"table:  {run_dir / 'examples.parquet'}", err=True)
+    inconclusive = summary.get("inconclusive")
+    if inconclusive:  # the last line: the flags above are not to be trusted
+        click.echo(f"audit inconclusive: {inconclusive['reason']}; do not act on these flags", err=True)
+
+
+def _column_list(values: tuple[str, ...]) -> list[str] | None:
+    """``--feature-columns a,b --feature-columns c`` -> ``["a", "b", "c"]``; None when not given."""
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    return names or None
+
+
+# --resume: the checkpoint keeps the run's settings (AuditOptions.to_record()) and they
+# are reused. An option given on the command line that differs from them is refused,
+# except those below, which change where the run goes on or how it is flagged and
+# shown, not what is trained; --epochs may differ but not go below the epochs done.
+_RESUME_FREE_OPTIONS = frozenset({"device", "workers", "max_memory_gb", "deterministic", "flag_fraction", "threshold",
+                                  "gallery_size", "epochs", "checkpoint_seconds"})
+# Each option of `run` that is a setting -> its place in the settings record.
+_SETTING_OF_OPTION = {
+    "data_format": ("format",), "label_column": ("label_column",), "path_column": ("path_column",),
+    "data_root": ("data_root",), "task": ("task",), "feature_columns": ("feature_columns",),
+    "ignore_columns": ("ignore_columns",), "model": ("model",), "image_size": ("image_size",),
+    "flag_fraction": ("flag_fraction",), "threshold": ("threshold",), "gallery_size": ("gallery_size",),
+    **{name: ("train", name) for name in (
+        "epochs", "batch_size", "optimizer", "lr", "dual_lr", "score_state", "multiplier_cap", "multiplier_store",
+        "multiplier_memory_gb", "device", "seed", "deterministic", "max_memory_gb", "workers",
+        "checkpoint_seconds")},
+    "no_multiplier_cap": ("train", "multiplier_cap"),
+}
+
+
+def _resumed_settings(ctx: click.Context, settings: Any, resume_dir: Path, *, quiet: bool) -> Any:
+    """The settings stored in RESUME_DIR's checkpoint, with the options given on the
+    command line that may change; one line naming an option that conflicts."""
+    from click.core import ParameterSource
+
+    from .audit import CHECKPOINT_FILE, AuditOptions
+    from .training import read_run_settings
+
+    checkpoint = resume_dir / CHECKPOINT_FILE
+    stored, epochs_done = read_run_settings(checkpoint)
+    if stored is None:  # written before checkpoints kept their settings: the options as given
+        return settings
+    given = settings.to_record()
+    merged = {**given, **{key: value for key, value in stored.items() if key != "train"},
+              "train": {**given["train"], **(stored.get("train") or {})}}
+    explicit = {name for name in _SETTING_OF_OPTION
+                if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT,
+                                                      ParameterSource.PROMPT)}
+    for option in sorted(explicit):
+        place = _SETTING_OF_OPTION[option]
+        value = given["train"][place[1]] if len(place) == 2 else given[place[0]]
+        section = (stored.get("train") or {}) if len(place) == 2 else stored
+        if place[-1] in section and not _same_setting(place[-1], value, section[place[-1]]):
+            flag = "--format" if option == "data_format" else "--" + option.replace("_", "-")
+            if option == "epochs" and value < epochs_done:
+                raise click.ClickException(
+                    f"--epochs {value} is fewer than the {epochs_done} epochs the run in {resume_dir} has finished; "
+                    f"resume without --epochs to train to its {section['epochs']}"
+                )
+            if option not in _RESUME_FREE_OPTIONS:
+                raise click.ClickException(
+                    f"{flag} gives {place[-1]}={value!r}, but the run in {resume_dir} was trained with "
+                    f"{section[place[-1]]!r}; resume without {flag} to reuse the run's settings, or start a new run"
+                )
+            if option == "epochs" and not quiet:  # nothing in an epoch depends on the planned total
+                click.echo(f"note: training to {value} epochs; the run was started for {section['epochs']}", err=True)
+        target = merged["train"] if len(place) == 2 else merged
+        target[place[-1]] = value
+    return AuditOptions.from_record(merged)
+
+
+def _same_setting(name: str, given: Any, stored: Any) -> bool:
+    if name == "data_root" and given is not None and stored is not None:
+        return Path(given).expanduser().resolve() == Path(stored).expanduser().resolve()
+    return bool(given == stored)
 
 
 def _interrupted(data: Path, run_dir: Path) -> None:
@@ -137,8 +219,18 @@ def _interrupted(data: Path, run_dir: Path) -> None:
 
 
 def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
+    """Exit 3 when more than ``fail_on_flagged`` of the examples are flagged mislabeled,
+    4 when the audit is inconclusive (whatever the share), else return (exit 0)."""
     if fail_on_flagged is None:
         return
+    inconclusive = summary.get("inconclusive")
+    if inconclusive:
+        from .training import is_main_process
+
+        if is_main_process():
+            click.echo(f"QA gate: the audit is inconclusive ({inconclusive['reason']}); exit {EXIT_INCONCLUSIVE}",
+                       err=True)
+        sys.exit(EXIT_INCONCLUSIVE)
     fraction = summary["counts"]["mislabeled"] / max(summary["num_examples"], 1)
     if fraction > fail_on_flagged:
         from .training import is_main_process
@@ -158,12 +250,15 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
 @click.option("--path-column", default="path", help="Path column of a manifest.")
 @click.option("--data-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Manifest: the folder its paths are relative to [default: the manifest's folder]; paths must stay inside it. Use it to re-audit a manifest written by `clean`.")
 @click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", help="regression uses the equality form on a real-valued target.")
+@click.option("--feature-columns", "feature_columns", multiple=True, metavar="NAMES", help="Table: the feature columns, comma-separated or the option repeated [default: every column but the label, the ignored ones and a saved pandas index]. A column of lists (an embedding) may be named whole or as NAME[i].")
+@click.option("--ignore-columns", "ignore_columns", multiple=True, metavar="NAMES", help="Table: columns that are not features (ids, notes, ...), comma-separated or the option repeated.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [default: reports/<data-name>-<timestamp>].")
-@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue the interrupted run in RUN_DIR.")
-@click.option("--fail-on-flagged", type=click.FloatRange(0, 1), default=None, help="Exit 3 when the fraction flagged mislabeled exceeds this (after writing outputs).")
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue the interrupted run in RUN_DIR with the settings it started with (kept in its checkpoint); an option given that would change what is trained is refused.")
+@click.option("--fail-on-flagged", type=click.FloatRange(0, 1), default=None, help="Exit 3 when the fraction flagged mislabeled exceeds this, 4 when the audit is inconclusive (the network has not learned the data, so the flags say nothing either way); after writing outputs.")
 @_training_options
 def run(data: Path, data_format: str, label_column: str, path_column: str, data_root: Path | None, task: str,
-        out: Path | None, resume_dir: Path | None, fail_on_flagged: float | None, **options: Any) -> None:
+        feature_columns: tuple[str, ...], ignore_columns: tuple[str, ...], out: Path | None, resume_dir: Path | None,
+        fail_on_flagged: float | None, **options: Any) -> None:
     """Audit DATA (image folder, manifest or table) and write a run folder.
 
     \b
@@ -171,20 +266,29 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
         minnorm-audit run photos/ --out reports/photos
         minnorm-audit run embeddings.parquet --label-column class --json
         minnorm-audit run cleaned.csv --data-root photos/
+        minnorm-audit run table.csv --ignore-columns id,notes
     """
     from .audit import default_run_dir, run_audit
     from .data import DataError, load_dataset
-    from .training import TrainingError, teardown
+    from .training import TrainingError, is_main_process, teardown
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
-                         data_root=data_root)
+                         data_root=data_root, feature_columns=_column_list(feature_columns),
+                         ignore_columns=_column_list(ignore_columns))
     run_dir = resume_dir or out or default_run_dir(data)
     try:
+        if resume_dir is not None:
+            settings = _resumed_settings(click.get_current_context(), settings, resume_dir, quiet=options["quiet"])
         started = time.perf_counter()
-        loaded = load_dataset(data, format=data_format, label_column=label_column, path_column=path_column,
-                              task=task, image_size=settings.image_size, data_root=data_root,
-                              max_memory_gb=settings.train.max_memory_gb)
+        loaded = load_dataset(data, format=settings.format, label_column=settings.label_column,
+                              path_column=settings.path_column, task=settings.task, image_size=settings.image_size,
+                              data_root=settings.data_root, max_memory_gb=settings.train.max_memory_gb,
+                              feature_columns=settings.feature_columns, ignore_columns=settings.ignore_columns,
+                              workers=settings.train.workers)
         load_seconds = time.perf_counter() - started
+        if not options["quiet"] and is_main_process():
+            for note in loaded.notes:
+                click.echo(f"note: {note}", err=True)
         progress = not options["quiet"] and sys.stderr.isatty()
         result = run_audit(loaded, settings, run_dir, resume=resume_dir is not None, progress=progress,
                            load_seconds=load_seconds)
@@ -245,12 +349,13 @@ def demo(out: Path, noise_rate: float, **options: Any) -> None:
         out.mkdir(parents=True, exist_ok=True)
         written = write_demo_dataset(out / "data", noise_rate=noise_rate, seed=options["seed"])
         started = time.perf_counter()
-        loaded = load_dataset(written.root, image_size=settings.image_size)
+        loaded = load_dataset(written.root, image_size=settings.image_size, workers=settings.train.workers)
         load_seconds = time.perf_counter() - started
         progress = not options["quiet"] and sys.stderr.isatty()
         flipped = set(written.flipped_sources)
+        # The page is rendered once, below, with the demo's figures in the summary.
         result = run_audit(loaded, settings, out / "run", progress=progress, load_seconds=load_seconds,
-                           demo={"noise_rate": noise_rate, "num_flipped": len(flipped)})
+                           demo={"noise_rate": noise_rate, "num_flipped": len(flipped)}, render=False)
     except (DataError, TrainingError, ValueError, OSError) as error:
         _fail(error, options["debug"])
         return
@@ -291,7 +396,7 @@ def demo(out: Path, noise_rate: float, **options: Any) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The cleaned dataset file, .csv or .parquet (written outside the data; a trail file, and for CSV a provenance file, go beside it).")
-@click.option("--rule", type=click.Choice(["drop-mislabeled", "drop-flagged", "relabel-mislabeled", "none"]), default="drop-mislabeled", help="What to do where no reviewer decided: drop examples flagged mislabeled; drop hard ones too; relabel mislabeled ones to the suggested label; or keep all.")
+@click.option("--rule", type=click.Choice(["drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "none"]), default="drop-mislabeled", help="What to do where no reviewer decided: drop examples flagged mislabeled; drop every flagged example (mislabeled, hard and outlier); drop outliers; relabel mislabeled ones to the suggested label; or keep all. On an inconclusive audit a rule other than none acts on flags that are not to be trusted: clean warns.")
 @click.option("--decisions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="A reviewer's decisions CSV (source, decision, label), e.g. downloaded from report.html; applied before the rule.")
 @click.option("--quiet", is_flag=True, help="No messages on stderr.")
 @click.option("--json", "json_output", is_flag=True, help="Print the provenance (rule, counts, paths, re-audit command) as JSON to stdout.")
@@ -321,6 +426,10 @@ def clean(run_dir: Path, out: Path, rule: str, decisions: Path | None, quiet: bo
         return
     if json_output:
         click.echo(json.dumps(to_strict_json(result.provenance), indent=2))
+    inconclusive = result.provenance.get("audit_inconclusive")
+    if inconclusive and rule != "none":
+        click.echo(f"warning: the audit was inconclusive ({inconclusive}); the rule {rule} acted on flags that "
+                   "are not to be trusted. Prefer reviewer decisions with --rule none, or audit again.", err=True)
     if quiet:
         return
     counts = result.counts

@@ -25,8 +25,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .calibration import (
+    NEIGHBOURS,
+    OUTLIER_DISTANCE_Z,
+    calibrated_flags,
+    distance_scores,
+    neighbour_distances,
+    training_verdict,
+)
 from .data import LoadedDataset
-from .scoring import difficulty_scores, flag_examples, label_concentration, percentile_ranks, suggested_labels
+from .scoring import (
+    difficulty_scores,
+    flag_examples,
+    label_concentration,
+    percentile_ranks,
+    suggested_labels,
+)
 from .training import FitResult, output_margins
 
 if TYPE_CHECKING:
@@ -39,6 +53,15 @@ SCORE_BLOCK_ELEMENTS = 1 << 22
 # written up to this many classes: at 1,000 classes and a million examples it alone
 # would be 4 GB.
 CLASS_MULTIPLIERS_MAX_CLASSES = 100
+# The outlier check's view of the inputs: images average-pooled to at most this side
+# (noise and other-domain images stay far from the data at 16 x 16, and the cost stays
+# small), and inputs wider than OUTLIER_MAX_FEATURES standardized and randomly
+# projected down to it (cosines are kept to about 1 / sqrt(128)), so the table the
+# check reads is at most examples x 128 float32.
+OUTLIER_IMAGE_SIDE = 16
+OUTLIER_MAX_FEATURES = 128
+# summary.json lists the per-class thresholds up to this many classes.
+RULE_MAX_CLASSES = 100
 
 
 @dataclass
@@ -48,6 +71,9 @@ class ClassificationScores:
     difficulty: np.ndarray
     concentration: np.ndarray
     competing: np.ndarray
+    # Violation state: how far the competing class beat every other class (the given
+    # label included) on average over training, in logits (calibration.calibrated_flags).
+    competitor_margin: np.ndarray | None = None
     # One float32 row per example, or empty above CLASS_MULTIPLIERS_MAX_CLASSES.
     class_multipliers: list[np.ndarray] = field(default_factory=list)
 
@@ -64,7 +90,17 @@ def score_classification(
         if result.final_outputs is None:
             raise ValueError("the fit result holds neither final_margins nor final_outputs")
         margins = output_margins(torch.from_numpy(result.final_outputs), torch.from_numpy(labels)).numpy()
-    flags, rule = classification_flags(scores, settings)
+    still_violated = still_violated_at_end(result, labels, scores.competing, margins, settings.train.margin)
+    distance = competing_distance = None
+    if settings.train.score_state == "violation":  # the other states keep the Otsu rule, without outliers
+        features = outlier_features(loaded.inputs, settings.train.seed)
+        if features is not None:
+            distance = neighbour_distances(features, labels, labels, seed=settings.train.seed)
+            competing_distance = neighbour_distances(features, labels, scores.competing, seed=settings.train.seed)
+    flags, rule = classification_flags(scores, settings, labels=labels, class_count=len(loaded.class_names),
+                                       still_violated=still_violated, distance=distance,
+                                       competing_distance=competing_distance, class_names=loaded.class_names)
+    rule["inconclusive"] = audit_verdict(result, labels, margins, len(loaded.class_names))
     suggested = np.where(flags == "mislabeled", scores.competing, labels)
     names = np.asarray(loaded.class_names, dtype=object)
     examples = pd.DataFrame(
@@ -97,6 +133,7 @@ def classification_scores(
         difficulty=np.empty(count, dtype=np.float64),
         concentration=np.empty(count, dtype=np.float64),
         competing=np.empty(count, dtype=np.int64),
+        competitor_margin=np.empty(count, dtype=np.float64) if settings.train.score_state == "violation" else None,
     )
     block_rows = max(1, SCORE_BLOCK_ELEMENTS // max(class_count, 1))
     for start in range(0, count, block_rows):
@@ -108,14 +145,130 @@ def classification_scores(
         scores.difficulty[start:stop] = difficulty_scores(summed, statistic=settings.statistic)  # type: ignore[arg-type]
         scores.concentration[start:stop] = label_concentration(direction)
         scores.competing[start:stop] = suggested_labels(direction, block_labels)
+        if scores.competitor_margin is not None:
+            scores.competitor_margin[start:stop] = competitor_margins(per_class, settings.train.margin)
         if keep_class_multipliers:
             final = class_mass(result.state_rows("final", start, stop), block_labels, class_count)
             scores.class_multipliers.extend(final.astype(np.float32))
     return scores
 
 
-def classification_flags(scores: ClassificationScores, settings: AuditOptions) -> tuple[np.ndarray, dict[str, Any]]:
-    """mislabeled / hard / ok for every example, and the rule that decided."""
+def competitor_margins(violations: np.ndarray, margin: float) -> np.ndarray:
+    """From mean violations per class (own-label column -inf): how far, on average over
+    training, the strongest competing class beat every other class, the given label
+    included: ``(v1 - m) - max(0, v2 - m)`` with ``v1 >= v2`` the two largest."""
+    preference = violations.max(axis=1) - margin
+    if violations.shape[1] < 3:  # one competing class
+        return preference
+    second = np.partition(violations, violations.shape[1] - 2, axis=1)[:, -2] - margin
+    return preference - np.clip(second, 0.0, None)
+
+
+def still_violated_at_end(
+    result: FitResult, labels: np.ndarray, competing: np.ndarray, margins: np.ndarray, margin: float
+) -> np.ndarray:
+    """Whether, at the end of training, the given label still has not beaten the
+    competing class by the margin: the constraint toward that class is still violated
+    (``f_y - f_j < margin``), so the network has not settled on the given label.
+
+    A flipped label the network memorizes late sits just inside its margin at the end
+    (on the benchmark, every flip this check cut when it asked for the competing class
+    to be predicted outright had a final margin between 0 and 1). With only the
+    margins kept (a large run, or the binary single output), the check reads the
+    margin to the best other class, ``margin_i < margin``.
+    """
+    margins = np.asarray(margins, dtype=np.float64)
+    violated = margins < margin
+    outputs = result.final_outputs
+    if outputs is not None and outputs.ndim == 2 and outputs.shape[1] > 2:
+        rows = max(1, SCORE_BLOCK_ELEMENTS // outputs.shape[1])
+        for start in range(0, len(labels), rows):
+            stop = min(len(labels), start + rows)
+            block = np.asarray(outputs[start:stop], dtype=np.float64)
+            index = np.arange(stop - start)
+            gap = block[index, labels[start:stop]] - block[index, competing[start:stop]]
+            violated[start:stop] = gap < margin
+    return violated
+
+
+def outlier_features(inputs: Any, seed: int) -> np.ndarray | None:
+    """The inputs as the outlier check reads them (float32, at most examples x
+    OUTLIER_MAX_FEATURES): tables as they are, images average-pooled; None for images
+    streamed from disk (the check would cost another pass over the data)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.shape[0] < 2:
+        return None
+    count = int(inputs.shape[0])
+    rows = 4096
+
+    def pooled(block: torch.Tensor) -> torch.Tensor:
+        block = block.float()
+        if block.ndim == 4:
+            side = (min(block.shape[2], OUTLIER_IMAGE_SIDE), min(block.shape[3], OUTLIER_IMAGE_SIDE))
+            block = torch.nn.functional.adaptive_avg_pool2d(block, side)
+        return block.reshape(block.shape[0], -1)
+
+    width = pooled(inputs[:1]).shape[1]
+    if width <= OUTLIER_MAX_FEATURES:
+        return torch.cat([pooled(inputs[start:start + rows]) for start in range(0, count, rows)]).numpy()
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randperm(count, generator=generator)[:rows]
+    reference = pooled(inputs[sample])
+    mean, std = reference.mean(0), reference.std(0).clamp_min(1e-6)
+    projection = torch.randn(width, OUTLIER_MAX_FEATURES, generator=generator) / OUTLIER_MAX_FEATURES ** 0.5
+    out = np.empty((count, OUTLIER_MAX_FEATURES), dtype=np.float32)
+    for start in range(0, count, rows):
+        out[start:start + rows] = (((pooled(inputs[start:start + rows]) - mean) / std) @ projection).numpy()
+    return out
+
+
+def audit_verdict(result: FitResult, labels: np.ndarray, margins: np.ndarray, class_count: int) -> dict[str, Any] | None:
+    """``{"reason": ..., "training_accuracy": ..., ...}`` when the network has not
+    learned the data well enough for per-example verdicts (calibration.training_verdict),
+    else None. Training accuracy: the share of examples whose final margin is above 0
+    (the network predicts the given label)."""
+    if len(labels) == 0:
+        return None
+    correct = np.asarray(margins) > 0
+    accuracy = float(correct.mean())
+    sizes = np.bincount(labels, minlength=class_count)
+    present = sizes > 0
+    balanced = float((np.bincount(labels, weights=correct, minlength=class_count)[present] / sizes[present]).mean())
+    reason = training_verdict(accuracy, balanced, class_count)
+    if reason is None:
+        return None
+    fitted = result.history[-1].get("fraction_fitted") if result.history else None
+    return {"reason": reason, "training_accuracy": accuracy, "balanced_accuracy": balanced,
+            "fraction_fitted": None if fitted is None else float(fitted)}
+
+
+def classification_flags(
+    scores: ClassificationScores,
+    settings: AuditOptions,
+    *,
+    labels: np.ndarray | None = None,
+    class_count: int | None = None,
+    still_violated: np.ndarray | None = None,
+    distance: np.ndarray | None = None,
+    competing_distance: np.ndarray | None = None,
+    class_names: list[str] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """mislabeled / hard / outlier / ok for every example, and the rule that decided.
+
+    The default (score state "violation", no ``--flag-fraction`` / ``--threshold``) is
+    calibration.calibrated_flags: thresholds set per class from what the class's own
+    examples show. With an override, the examples at or above the difficulty threshold
+    are flagged: outlier when far from the data (as in the default rule), else
+    mislabeled when the network preferred the competing class on average, else hard.
+    Other score states keep the Otsu split of the multipliers (mislabeled / hard).
+    """
+    override = settings.flag_fraction is not None or settings.threshold is not None
+    if (settings.train.score_state == "violation" and not override and labels is not None
+            and scores.competitor_margin is not None and class_count is not None):
+        violated = still_violated if still_violated is not None else np.ones(len(labels), dtype=bool)
+        flags, rule = calibrated_flags(scores.difficulty - settings.train.margin, scores.competitor_margin, violated,
+                                       labels, class_count, distance=distance,
+                                       competing_distance=competing_distance, competing=scores.competing)
+        return flags, describe_calibrated_rule(rule, settings.train.margin, distance is not None, class_names)
     if settings.train.score_state != "violation":
         return flag_examples(
             scores.difficulty,
@@ -140,7 +293,64 @@ def classification_flags(scores: ClassificationScores, settings: AuditOptions) -
         "difficulty - margin >= preference_threshold (the network preferred the suggested "
         "class over the given label on average over training), else hard"
     )
+    if distance is not None and labels is not None and class_count is not None:
+        # The outlier check of the default rule, among the flagged examples.
+        far, _, _ = distance_scores(distance, labels, class_count, competing_distance=competing_distance,
+                                    competing=np.where(flags == "mislabeled", scores.competing, labels))
+        with np.errstate(invalid="ignore"):
+            flags = np.where((far >= OUTLIER_DISTANCE_Z) & (flags != "ok"), "outlier", flags)
+        rule["outlier_distance_z"] = OUTLIER_DISTANCE_Z
+        rule["rule"] += (f"; a flagged example is an outlier instead when it is at least {OUTLIER_DISTANCE_Z:g} "
+                         "robust spreads farther from the rows of its given and of its competing class than that "
+                         "class's examples are (median distance)")
     return flags, rule
+
+
+def describe_calibrated_rule(
+    rule: dict[str, Any], margin: float, with_distance: bool, class_names: list[str] | None
+) -> dict[str, Any]:
+    """The calibrated rule as summary.json's flag_rule: the text, the thresholds, and
+    per class (up to RULE_MAX_CLASSES) the median and spread of the difficulty among
+    its own examples with the difficulty at which hard starts."""
+    medians, scales = rule.pop("class_medians"), rule.pop("class_scales")
+    distance_medians, distance_scales = rule.pop("distance_medians", None), rule.pop("distance_scales", None)
+    text = (
+        "per given class, the median and robust spread (1.4826 x MAD) of difficulty among the class's own "
+        "examples; z = (difficulty - class median) / class spread. "
+        f"hard: z >= {rule['hard_z']:g}. "
+        f"mislabeled (overrides hard): the competing class beat the given label and every other class on "
+        f"average over training (competitor margin > 0, by at least {rule['mislabeled_z']:g} class spreads "
+        "above the class median) and at the end of training the given label still has not beaten it by the "
+        "margin (the constraint toward it is still violated). "
+    )
+    if with_distance:
+        text += (f"outlier (overrides both): mean distance to the {NEIGHBOURS} nearest rows of the data "
+                 f"(standardized inputs, cosine geometry) at least {rule['outlier_distance_z']:g} robust spreads "
+                 f"above the median distance of the class's examples (outlier_from_distance), and "
+                 f"z >= {rule['outlier_fit_z']:g}. ")
+    else:
+        text += "outlier: not checked (images streamed from disk). "
+    text += "ok: everything else."
+    described: dict[str, Any] = {
+        "rule": text,
+        "method": "calibrated per class (median + k x robust spread of the class's own examples)",
+        # One threshold for the plot and older readers: none, the thresholds are per class.
+        "difficulty_threshold": None,
+        "difficulty_threshold_method": "per class (class_thresholds)",
+        "outlier_checked": with_distance,
+        **rule,
+    }
+    if class_names is not None and len(class_names) <= RULE_MAX_CLASSES:
+        described["class_thresholds"] = [
+            {"class": name, "median_difficulty": float(medians[c] + margin), "spread": float(scales[c]),
+             "hard_from_difficulty": float(medians[c] + margin + rule["hard_z"] * scales[c]),
+             **({} if distance_medians is None else {
+                 "median_distance": float(distance_medians[c]), "distance_spread": float(distance_scales[c]),
+                 "outlier_from_distance": float(distance_medians[c] + rule["outlier_distance_z"] * distance_scales[c]),
+             })}
+            for c, name in enumerate(class_names)
+        ]
+    return described
 
 
 def scored_state(

@@ -20,7 +20,11 @@ from typing import Literal
 import numpy as np
 
 Statistic = Literal["max", "sum"]
-FLAGS = ("mislabeled", "hard", "ok")
+FLAGS = ("mislabeled", "hard", "outlier", "ok")
+# The default flag rule (calibrated thresholds, outliers, the inconclusive verdict) is
+# in calibration.py; flag_examples below is the Otsu split of the overrides and the
+# other score states.
+
 
 
 def difficulty_scores(
@@ -212,3 +216,4 @@ def flag_examples(
         ),
     }
     return flags.astype(str), rule
+

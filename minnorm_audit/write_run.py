@@ -34,6 +34,7 @@ from .report.parquet import (
     write_json_atomic,
     write_parquet_atomic,
 )
+from .scoring import FLAGS
 from .training import FitResult
 
 if TYPE_CHECKING:
@@ -70,7 +71,12 @@ def describe_run(
     demo: dict[str, Any] | None = None,
 ) -> RunRecord:
     """The run's metadata, summary and set-aside table."""
+    # The verdict on the run travels beside the flag rule, not inside it.
+    flag_rule = dict(flag_rule)
+    inconclusive = flag_rule.pop("inconclusive", None)
     diagnostics = run_diagnostics(result, settings)
+    # How well the network fits the given labels at the end: shown with the diagnostics.
+    diagnostics.update(training_fit(examples, loaded.task))
     config = run_config(result, loaded, settings)
     versions = package_versions()
     metadata = {
@@ -85,17 +91,20 @@ def describe_run(
         "data": data_description(loaded),
         "input": describe_input(loaded, settings),
         "flag_rule": flag_rule,
+        "inconclusive": inconclusive,
     }
     summary = build_summary(examples, loaded, flag_rule, diagnostics, result, config, versions,
-                            timings=timings, demo=demo)
+                            timings=timings, demo=demo, inconclusive=inconclusive)
     return RunRecord(metadata=metadata, summary=summary, set_aside=set_aside_frame(loaded))
 
 
 def write_run_folder(
-    run_dir: Path, examples: pd.DataFrame, record: RunRecord, loaded: LoadedDataset, gallery_size: int
+    run_dir: Path, examples: pd.DataFrame, record: RunRecord, loaded: LoadedDataset, gallery_size: int,
+    *, render: bool = True,
 ) -> None:
     """Write examples, set_aside and gallery Parquet files and summary.json, then
-    render report.html from them (rank 0 alone calls this)."""
+    render report.html from them (rank 0 alone calls this; ``render=False`` leaves the
+    page to the caller)."""
     metadata = record.metadata
     write_parquet_atomic(run_dir / "examples.parquet", examples, descriptions=EXAMPLES_DESCRIPTIONS, metadata=metadata)
     write_parquet_atomic(run_dir / "set_aside.parquet", record.set_aside, descriptions=SET_ASIDE_DESCRIPTIONS,
@@ -103,9 +112,10 @@ def write_run_folder(
     gallery = build_gallery(examples, loaded, gallery_size)
     write_parquet_atomic(run_dir / "gallery.parquet", gallery, descriptions=GALLERY_DESCRIPTIONS, metadata=metadata)
     write_json_atomic(run_dir / "summary.json", record.summary)
-    from .report.html import render_report
+    if render:
+        from .report.html import render_report
 
-    render_report(run_dir)
+        render_report(run_dir)
 
 
 def run_diagnostics(result: FitResult, settings: AuditOptions) -> dict[str, Any]:
@@ -118,7 +128,9 @@ def run_diagnostics(result: FitResult, settings: AuditOptions) -> dict[str, Any]
             epochs=settings.train.epochs,
             dual_time=settings.train.dual_lr * settings.train.epochs,
             cap=(
-                f", multipliers capped at {settings.train.multiplier_cap:g} x their 90th percentile"
+                f", multipliers boxed to [0, C] in the dual and the weight step, C = {settings.train.multiplier_cap:g} x "
+                "the 90th percentile of the examples' largest multipliers after each epoch (in practice set "
+                "after the first epoch and unchanged; diagnostics max_multiplier and fraction_at_cap)"
                 if settings.train.multiplier_cap is not None else ", no multiplier cap"
             ),
             state=SCORED_STATE_TEXT[settings.train.score_state],
@@ -126,6 +138,24 @@ def run_diagnostics(result: FitResult, settings: AuditOptions) -> dict[str, Any]
         score_statistic=settings.statistic,
     )
     return diagnostics
+
+
+def training_fit(examples: pd.DataFrame, task: str) -> dict[str, float | None]:
+    """How well the trained network fits the labels it was given, at the end of training.
+
+    Classification: ``train_accuracy``, the share of examples whose predicted class (the
+    largest output) is the given label, i.e. whose ``margin`` is above 0. Regression:
+    ``train_r2``, the coefficient of determination of ``predicted_target`` against
+    ``given_target`` (None when the targets do not vary).
+    """
+    if task == "regression":
+        given = examples["given_target"].to_numpy(dtype=np.float64)
+        predicted = examples["predicted_target"].to_numpy(dtype=np.float64)
+        spread = float(((given - given.mean()) ** 2).sum()) if len(given) else 0.0
+        r2 = 1.0 - float(((given - predicted) ** 2).sum()) / spread if spread > 0 else None
+        return {"train_r2": r2}
+    margins = examples["margin"].to_numpy(dtype=np.float64)
+    return {"train_accuracy": float((margins > 0).mean()) if len(margins) else None}
 
 
 def run_config(result: FitResult, loaded: LoadedDataset, settings: AuditOptions) -> dict[str, Any]:
@@ -182,6 +212,9 @@ def describe_input(loaded: LoadedDataset, settings: AuditOptions) -> dict[str, A
         described["label_column"] = settings.label_column
     if layout == "table":
         described["feature_columns"] = list(loaded.feature_names)
+        # As given (for `clean`'s re-audit command): the features as named, the columns left out.
+        described["feature_columns_option"] = None if settings.feature_columns is None else list(settings.feature_columns)
+        described["ignore_columns"] = None if settings.ignore_columns is None else list(settings.ignore_columns)
     return described
 
 
@@ -201,9 +234,13 @@ def build_summary(
     *,
     timings: dict[str, float],
     demo: dict[str, Any] | None,
+    inconclusive: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """summary.json: counts per flag and class, diagnostics, timings, thresholds."""
-    counts = {flag: int((examples["flag"] == flag).sum()) for flag in ("mislabeled", "hard", "ok")}
+    """summary.json: counts per flag and class, diagnostics, timings, thresholds, and
+    ``inconclusive``: None, or ``{"reason": ...}`` when the network has not learned the
+    data (score_run.audit_verdict; the flags are then not to be trusted)."""
+    # Every flag, zero counts included.
+    counts = {flag: int((examples["flag"] == flag).sum()) for flag in FLAGS}
     per_class = []
     if loaded.task == "classification":
         for name in loaded.class_names:
@@ -214,6 +251,7 @@ def build_summary(
                     "count": int(len(rows)),
                     "mislabeled": int((rows["flag"] == "mislabeled").sum()),
                     "hard": int((rows["flag"] == "hard").sum()),
+                    "outlier": int((rows["flag"] == "outlier").sum()),
                 }
             )
     summary: dict[str, Any] = {
@@ -228,8 +266,15 @@ def build_summary(
         "counts": counts,
         "per_class": per_class,
         "flag_rule": flag_rule,
+        "inconclusive": inconclusive,
         "diagnostics": diagnostics,
         "history": result.history,
+        # train_accuracy (classification) or train_r2 (regression): see training_fit().
+        # fraction_fitted: share of examples at their margin at their last visit.
+        "fit": {key: diagnostics[key] for key in ("train_accuracy", "train_r2", "fraction_fitted")
+                if key in diagnostics},
+        # What the loader decided about the input (a saved index left out, values clipped, ...).
+        "notes": list(loaded.notes),
         "timings": timings,
         "config": config,
         "versions": versions,
@@ -242,7 +287,12 @@ def build_summary(
 
 def build_gallery(examples: pd.DataFrame, loaded: LoadedDataset, size: int) -> pd.DataFrame:
     """The top ``size`` flagged examples with a PNG thumbnail (images) or feature row."""
-    flagged = examples[examples["flag"] != "ok"].sort_values("difficulty", ascending=False).head(max(size, 0))
+    # Up to ``size`` mislabeled and hard examples, and up to ``size`` outliers beside
+    # them (the page shows outliers in their own section; their difficulty is often
+    # lower, so they would not make the top of one shared list).
+    ranked = examples[examples["flag"] != "ok"].sort_values("difficulty", ascending=False)
+    is_outlier = ranked["flag"] == "outlier"
+    flagged = pd.concat([ranked[~is_outlier].head(max(size, 0)), ranked[is_outlier].head(max(size, 0))])
     columns = [c for c in ("example_id", "source", "given_label", "suggested_label", "competing_label",
                            "given_target", "predicted_target", "difficulty", "difficulty_percentile", "flag")
                if c in examples.columns]

@@ -142,9 +142,10 @@ def test_torch_dataset_items_that_fail_are_set_aside_by_position():
 def test_in_memory_errors_match_the_table_loader(tmp_path):
     frame = points(rows=12)
     cases = {
-        "nan": frame.assign(b=frame["b"].where(frame.index != 3)),
+        # One bad row is set aside (test_real_inputs.py); a column mostly bad stops the run.
+        "nan": frame.assign(b=frame["b"].where(frame.index < 3)),
         "text": frame.assign(note="x"),
-        "empty label": frame.assign(label=frame["label"].astype(str).where(frame.index != 5, "")),
+        "empty label": frame.assign(label=frame["label"].astype(str).where(frame.index < 4, "")),
         "one class": frame.assign(label=1),
         "no label": frame.drop(columns="label"),
     }

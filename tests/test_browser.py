@@ -210,7 +210,9 @@ def test_gallery_filter(driver: Any, report: tuple[Path, dict[str, Any]]) -> Non
 @pytest.fixture(scope="module")
 def audited_photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, str]]:
     """A real audit of colour-coded images with one flipped label per class, and a
-    class named like markup: (data root, run folder, {flipped source: true class})."""
+    class named like markup: (data root, run folder, {flipped source: true class}).
+    40 images per class and batches of 16: with 12 per class and 5 single-batch epochs
+    the network had not learned the colours and the audit is (rightly) inconclusive."""
     import numpy as np
     from PIL import Image
 
@@ -224,14 +226,14 @@ def audited_photos(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
         (root / name).mkdir(parents=True)
     flips = {}
     for position, (name, colour) in enumerate(colours.items()):
-        for index in range(12):
+        for index in range(40):
             pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 25, (8, 8, 3)), 0, 255).astype(np.uint8)
             folder = names[(position + 1) % 3] if index == 0 else name
             file_name = f"{position}-{index}.png"
             if index == 0:
                 flips[f"{folder}/{file_name}"] = name
             Image.fromarray(pixels).save(root / folder / file_name)
-    result = minnorm_audit.audit(root, out=root.parent / "run", epochs=5, lr=0.01, image_size=8, device="cpu",
+    result = minnorm_audit.audit(root, out=root.parent / "run", epochs=10, lr=0.01, batch_size=16, image_size=8, device="cpu",
                                  flag_fraction=0.15)
     return root, result.run_dir, flips
 

@@ -223,24 +223,38 @@ def test_non_numeric_feature_columns_are_named(tmp_path: Path) -> None:
     assert "'ok'" not in str(excinfo.value)
 
 
-@pytest.mark.parametrize("bad_value", [np.nan, np.inf, None])
-def test_nan_or_inf_feature_names_column_and_row(tmp_path: Path, bad_value: float | None) -> None:
+@pytest.mark.parametrize(("bad_value", "kind"), [(np.nan, "missing"), (np.inf, "infinite"), (None, "missing")])
+def test_nan_or_inf_feature_row_is_set_aside_and_a_mostly_bad_column_names_column_and_row(
+    tmp_path: Path, bad_value: float | None, kind: str
+) -> None:
     frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0, 3.0], "label": ["x", "y", "x"]})
     frame["b"] = frame["b"].astype(object)
     frame.loc[2, "b"] = bad_value
     table = _write_table(tmp_path / "t.csv", frame)
+    dataset = load_dataset(table)
+    assert dataset.sources == ["0", "1"]
+    assert dataset.set_aside == [SetAsideItem("2", f"{kind} value in feature column 'b'")]
+
+    frame.loc[1, "b"] = bad_value  # two of three rows: the column, not a row, is the problem
+    table = _write_table(tmp_path / "t.csv", frame)
     with pytest.raises(DataError) as excinfo:
         load_dataset(table)
-    assert_one_line_error(excinfo, "t.csv", "'b'", "row 2")
+    assert_one_line_error(excinfo, "t.csv", "'b'", "2 of 3 rows", "first at row 1")
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_empty_label_names_the_first_row(tmp_path: Path, suffix: str) -> None:
+def test_empty_labels_are_set_aside_and_a_mostly_empty_label_column_names_the_first_row(
+    tmp_path: Path, suffix: str
+) -> None:
     frame = pd.DataFrame({"f": [1, 2, 3, 4], "label": ["a", "b", None, ""]})
-    table = _write_table(tmp_path / f"t{suffix}", frame)
+    dataset = load_dataset(_write_table(tmp_path / f"t{suffix}", frame))
+    assert dataset.sources == ["0", "1"] and dataset.class_names == ["a", "b"]
+    assert set_aside_reasons(dataset) == {"2": "empty label in column 'label'", "3": "empty label in column 'label'"}
+
+    table = _write_table(tmp_path / f"t{suffix}", frame.assign(label=["a", "", None, ""]))
     with pytest.raises(DataError) as excinfo:
         load_dataset(table)
-    assert_one_line_error(excinfo, f"t{suffix}", "empty label", "row 2")
+    assert_one_line_error(excinfo, f"t{suffix}", "empty label", "3 of 4 rows", "first at row 1")
 
 
 def test_non_numeric_regression_target(tmp_path: Path) -> None:
@@ -279,7 +293,7 @@ def test_empty_csv_file(tmp_path: Path) -> None:
         ({"f": [1, 2], "label": ["a", "b"]}, {"feature_columns": ["label"]}, ["also listed as a feature"]),
         ({"label": ["a", "b"]}, {}, ["no feature columns"]),
         ({"f": [1, 1], "label": ["a", "a"]}, {}, ["only one class", "'a'"]),
-        ({"path": ["x.png", ""], "label": ["a", "b"]}, {}, ["row 1", "empty 'path'"]),
+        ({"path": ["x.png", "", ""], "label": ["a", "b", "c"]}, {}, ["first at row 1", "empty 'path'"]),
     ],
     ids=["unknown feature", "label as feature", "no features", "one class", "empty manifest path"],
 )

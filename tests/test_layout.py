@@ -24,6 +24,7 @@ FORBIDDEN_IMPORTS = {
     "minnorm": ("data", "training", "audit", "score_run", "write_run", "report", "clean", "cli"),
     "training": ("audit", "score_run", "write_run", "clean", "cli"),
     "scoring": ("data", "training", "minnorm", "audit", "report", "clean", "cli"),
+    "calibration": ("data", "training", "minnorm", "audit", "report", "clean", "cli"),
     "report": ("data", "training", "minnorm", "audit", "score_run", "write_run", "clean", "cli"),
 }
 

@@ -51,7 +51,25 @@ def test_violation_state_flags_contradicted_labels_mislabeled_and_ambiguous_ones
     assert (examples["suggested_label"].to_numpy()[ambiguous] == names[labels[ambiguous]]).all()
     assert (examples["competing_label"].to_numpy()[ambiguous] == names[other]).all()
     np.testing.assert_allclose(examples["difficulty"].to_numpy()[flipped], 2.0, rtol=1e-6)
-    assert rule["preference_threshold"] == 0.0 and rule["difficulty_threshold"] < 0.7
+    # The calibrated rule (scoring.calibrated_flags): thresholds per class, written down.
+    assert rule["mislabeled_z"] == 2.5 and rule["hard_z"] == 2.5 and rule["difficulty_threshold"] is None
+    assert [row["class"] for row in rule["class_thresholds"]] == ["a", "b", "c"]
+    assert all(row["hard_from_difficulty"] < 0.7 for row in rule["class_thresholds"])
+    # Final outputs of zeros: the network predicts no label at all, so the audit is inconclusive.
+    assert "has not learned" in rule["inconclusive"]["reason"]
+
+
+def test_overrides_keep_the_difficulty_threshold():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 3, size=100)
+    violations = rng.normal(-1.0, 0.1, size=(100, 3))
+    violations[np.arange(100), labels] = 1.0
+    violations[:5, :] = 2.0
+    violations[np.arange(5), labels[:5]] = 1.0
+    examples, rule = score_classification(result_for(violations, labels), loaded_for(labels, ["a", "b", "c"]),
+                                          AuditOptions(train=TrainConfig(), flag_fraction=0.05))
+    assert (examples["flag"][:5] != "ok").all() and (examples["flag"][5:] == "ok").all()
+    assert rule["difficulty_threshold_method"] == "top 0.05 of examples by difficulty"
 
 
 def test_binary_violation_state_reads_the_single_output_column():

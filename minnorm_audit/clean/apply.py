@@ -33,11 +33,12 @@ if TYPE_CHECKING:
 
 __all__ = ["ACTIONS", "RULES", "RULE_DESCRIPTIONS", "CleanResult", "clean"]
 
-RULES = ("drop-mislabeled", "drop-flagged", "relabel-mislabeled", "none")
+RULES = ("drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "none")
 ACTIONS = ("kept", "dropped", "relabeled")
 RULE_DESCRIPTIONS = {
     "drop-mislabeled": "drop examples flagged mislabeled",
-    "drop-flagged": "drop examples flagged mislabeled or hard",
+    "drop-flagged": "drop examples flagged mislabeled, hard or outlier (every flagged example)",
+    "drop-outliers": "drop examples flagged outlier",
     "relabel-mislabeled": "relabel examples flagged mislabeled to their suggested label",
     "none": "keep every example a reviewer did not decide on",
 }
@@ -96,10 +97,11 @@ def clean(
         The cleaned dataset file, ``.csv`` or ``.parquet`` (see the module notes for
         its columns and the files written beside it). Must lie outside the data
         folder and must not be one of the run folder's files.
-    rule : {"drop-mislabeled", "drop-flagged", "relabel-mislabeled", "none"}, default="drop-mislabeled"
+    rule : {"drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "none"}, default="drop-mislabeled"
         What happens to examples no reviewer decided on: drop those flagged
-        ``mislabeled``; drop ``hard`` ones too; relabel ``mislabeled`` ones to
-        their suggested label; or keep everything (apply the decisions only).
+        ``mislabeled``; drop every flagged example (``mislabeled``, ``hard`` and
+        ``outlier``); drop ``outlier`` ones; relabel ``mislabeled`` ones to their
+        suggested label; or keep everything (apply the decisions only).
     decisions : str or Path, optional
         A reviewer's decisions (CSV: ``source``, ``decision``, ``label``), e.g.
         downloaded from ``report.html``. They override the rule.
@@ -175,6 +177,9 @@ def clean(
         "dataset_fingerprint": metadata.get("dataset_fingerprint"),
         "rule": rule,
         "rule_description": RULE_DESCRIPTIONS[rule],
+        # The audit's verdict: when it was inconclusive the rule acted on flags that are
+        # not to be trusted (the CLI says so on stderr).
+        "audit_inconclusive": (files.summary.get("inconclusive") or {}).get("reason"),
         "decisions": decisions_record,
         "counts": counts,
         "manifest": str(paths["manifest"].resolve()),
@@ -255,7 +260,9 @@ def _trail(
 def _rule_decision(rule: str, flag: str, suggestion: Any) -> tuple[str, Any]:
     if rule == "drop-mislabeled" and flag == "mislabeled":
         return "drop", None
-    if rule == "drop-flagged" and flag in ("mislabeled", "hard"):
+    if rule == "drop-flagged" and flag in ("mislabeled", "hard", "outlier"):
+        return "drop", None
+    if rule == "drop-outliers" and flag == "outlier":
         return "drop", None
     if rule == "relabel-mislabeled" and flag == "mislabeled":
         return "relabel", suggestion

@@ -175,6 +175,10 @@ def _rerun_command(manifest: Path, source_input: Mapping[str, Any], regression: 
         label_column = str(source_input.get("label_column") or "label")
         if label_column != "label":
             command += ["--label-column", label_column]
+        # The cleaned table keeps every column: the run's choice of features goes with it.
+        for option, key in (("--feature-columns", "feature_columns_option"), ("--ignore-columns", "ignore_columns")):
+            if source_input.get(key):
+                command += [option, ",".join(str(name) for name in source_input[key])]
     if regression:
         command += ["--task", "regression"]
     return shlex.join(command)

@@ -4,8 +4,10 @@ Three layouts are understood on disk (see :func:`load_dataset`): an image folder
 ``DATA/<class_name>/<image files>``; a manifest, a CSV or Parquet file with a path
 column and a label column; a table, a CSV or Parquet file with numeric feature columns
 and a label column. Data already in memory (a DataFrame, arrays, a torch Dataset) is
-validated the same way. One unreadable example is *set aside* with a reason; a problem
-with the input as a whole raises :class:`DataError`. Nothing under the data path is
+validated the same way. One unusable example (an unreadable file, an empty label, a
+missing value) is *set aside* with a reason; a problem with the input as a whole raises
+:class:`DataError`; what the loader decided about the input is kept as notes
+(:class:`DataNotice`). Nothing under the data path is
 ever created, changed or deleted.
 
 Modules, in the order data flows through them:
@@ -27,7 +29,7 @@ Modules, in the order data flows through them:
 
 from __future__ import annotations
 
-from .dataset import FORMATS, TASKS, DataError, LoadedDataset, SetAsideItem
+from .dataset import FORMATS, MOSTLY_BAD_SHARE, TASKS, DataError, DataNotice, LoadedDataset, SetAsideItem
 from .demo import DemoDataset, load_bundled_digits, write_demo_dataset
 from .images import IMAGE_FORMATS
 from .load import load_dataset
@@ -38,10 +40,12 @@ from .table import TABLE_SUFFIXES
 __all__ = [
     "FORMATS",
     "IMAGE_FORMATS",
+    "MOSTLY_BAD_SHARE",
     "TABLE_SUFFIXES",
     "TASKS",
     "BatchSource",
     "DataError",
+    "DataNotice",
     "DemoDataset",
     "LazyImages",
     "LoadedDataset",

@@ -1,16 +1,18 @@
 """What every loader returns and raises: :class:`LoadedDataset`, :class:`SetAsideItem`
 and :class:`DataError`, with the argument checks and message helpers they share.
 
-Two kinds of problems are kept apart. One unreadable example (a truncated JPEG, a
-``notes.txt`` in a class folder, a manifest row whose file is gone) is *set aside* with a
-reason and the run goes on. A problem with the input as a whole (no label column, a
-single class, a manifest path that escapes its folder) raises :class:`DataError`, whose
-message is one line naming the problem and the file.
+Two kinds of problems are kept apart. One unusable example (a truncated JPEG, a
+``notes.txt`` in a class folder, a manifest row whose file is gone or whose path or label
+is empty, a table row with an empty label or a missing or infinite value) is *set aside*
+with a reason and the run goes on. A problem with the input as a whole (no label column,
+a single class, a manifest path that escapes its folder, a value beyond float32's range,
+a column bad in more than half of its rows) raises :class:`DataError`, whose message is
+one line naming the problem and the file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +20,10 @@ import torch
 
 FORMATS = ("auto", "images", "manifest", "table")
 TASKS = ("classification", "regression")
+# A few bad rows (an empty label, a missing feature value, an empty manifest path) are
+# set aside; a column where more than this share of the rows is bad is a problem with
+# the input as a whole (wrong column, wrong file) and stops the run.
+MOSTLY_BAD_SHARE = 0.5
 
 
 class DataError(Exception):
@@ -29,6 +35,12 @@ class DataError(Exception):
     def __init__(self, message: str) -> None:
         # File and column names are user input: a newline in one must not break the one-line contract.
         super().__init__(" ".join(message.splitlines()))
+
+
+class DataNotice(UserWarning):
+    """Something about the input was read in a way worth knowing (a saved pandas index
+    left out, pixel values clipped, a ';'-delimited CSV). The run goes on; the same
+    line is kept in :attr:`LoadedDataset.notes` and in ``summary.json``'s ``notes``."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +105,10 @@ class LoadedDataset:
         Data given in memory (:func:`load_frame`, :func:`load_arrays`,
         :func:`load_torch_dataset`): what it was; ``sources`` are then positions.
         None for data read from disk.
+    notes : list of str
+        One line per thing the loader decided about the input that the user should
+        know (see :class:`DataNotice`); :func:`~minnorm_audit.audit` warns with each
+        and writes them into ``summary.json``.
     """
 
     kind: str
@@ -108,6 +124,7 @@ class LoadedDataset:
     fingerprint: str
     image_size: int | None
     origin: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_task(task: str) -> None:
@@ -118,6 +135,18 @@ def _check_task(task: str) -> None:
 def _check_image_size(image_size: int) -> None:
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+
+def _refuse_mostly_bad(
+    bad_rows: list[int], total: int, shown: str, problem: str, advice: str, *, unit: str = "row"
+) -> None:
+    """Raise when ``problem`` (e.g. ``"empty label in column 'label'"``) is in more than
+    :data:`MOSTLY_BAD_SHARE` of the ``total`` rows (or items); fewer are set aside."""
+    if total and len(bad_rows) > MOSTLY_BAD_SHARE * total:
+        raise DataError(
+            f"{shown}: {problem} in {len(bad_rows)} of {total} {unit}s (first at {unit} {bad_rows[0]}); "
+            f"over half the {unit}s is not a few bad items to set aside: {advice}"
+        )
 
 
 def _list_names(names: Iterable[Any], *, quote: bool = True, limit: int = 20) -> str:

@@ -16,7 +16,9 @@ from .images import _DecodedImage
 from .labels import _class_indices, _sorted_class_names
 
 
-def _load_image_folder(root: Path, shown: str, *, image_size: int, max_memory_gb: float | None = None) -> LoadedDataset:
+def _load_image_folder(
+    root: Path, shown: str, *, image_size: int, max_memory_gb: float | None = None, workers: int | None = None
+) -> LoadedDataset:
     """Load ``root/<class>/<files>``; every class-folder file is tried as an image."""
     stray_files: list[SetAsideItem] = []
     class_dirs: list[Path] = []
@@ -40,7 +42,8 @@ def _load_image_folder(root: Path, shown: str, *, image_size: int, max_memory_gb
     if not candidates:
         raise DataError(f"no files in the class subfolders of {shown}")
 
-    decoded = _read_image_files([file_path for _, _, file_path in candidates], image_size, max_memory_gb)
+    decoded = _read_image_files([file_path for _, _, file_path in candidates], image_size, max_memory_gb,
+                                workers=workers)
     kept: list[tuple[str, str, _DecodedImage]] = []
     unreadable: list[SetAsideItem] = []
     for (source, label, _), result in zip(candidates, decoded):

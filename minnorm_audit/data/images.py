@@ -2,7 +2,8 @@
 
 Only the raster formats of ``IMAGE_FORMATS`` are tried. Multi-frame files give their
 first frame; palette, gray, CMYK, 1-bit and 16-bit/float images become RGB
-(transparency composited onto white, high bit depths scaled by their own maximum);
+(transparency composited onto white, high bit depths brought to 8 bits by one scale
+per format, never per image: see :func:`_high_depth_to_uint8`);
 EXIF orientation is applied; JPEGs much larger than ``S`` are decoded at a reduced
 scale; Pillow's decompression-bomb limit stays on. :func:`prescan_image_file` is the
 cheap check used instead of a full decode when the images are streamed.
@@ -21,6 +22,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Pillow modes holding more than 8 bits per pixel; they are scaled down to 8 bits.
 _HIGH_DEPTH_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+# Float pixels within [-UNIT_TOLERANCE, 1 + UNIT_TOLERANCE] are [0, 1] data (a value
+# like 1.0001 is rounding, not a different scale); they are clipped to [0, 1]. The
+# in-memory loaders (memory.py) use the same tolerance.
+UNIT_TOLERANCE = 0.01
+# 16-bit to 8-bit: 65535 / 255. A 16-bit value v * 257 becomes v, as in the 8-bit copy.
+SIXTEEN_BIT_DIVISOR = 257.0
 # Raster formats Pillow may try. Not "any format": EPS would hand a file from DATA to
 # Ghostscript, and the rarer decoders (WMF, PSD, FITS, ...) are more attack surface than use.
 IMAGE_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "TIFF", "WEBP", "AVIF", "PPM", "TGA", "ICO", "JPEG2000", "QOI")
@@ -87,7 +94,7 @@ def _decode_image_bytes(content: bytes, image_size: int) -> np.ndarray:
         if image.mode in _HIGH_DEPTH_MODES:
             # Resize in float before scaling to 8 bits, so the 16-bit precision feeds the average.
             as_float = image.convert("F").resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
-            gray = _scale_to_uint8(np.asarray(as_float, dtype=np.float32), already_unit=image.mode == "F")
+            gray = _high_depth_to_uint8(np.asarray(as_float, dtype=np.float32), image.mode)
             return np.broadcast_to(gray, (3, image_size, image_size)).copy()
         rgb = _to_rgb(image).resize(target, Image.Resampling.BILINEAR, reducing_gap=3.0)
         return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).copy()
@@ -156,11 +163,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _scale_to_uint8(values: np.ndarray, *, already_unit: bool) -> np.ndarray:
-    """Scale non-negative values to 0..255 by their maximum (by 1 for floats within [0, 1])."""
-    values = np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).clip(min=0.0)
-    peak = float(values.max(initial=0.0))
-    scale = 1.0 if already_unit and peak <= 1.0 else peak
-    if scale <= 0.0:
-        return np.zeros(values.shape, dtype=np.uint8)
-    return np.rint(values * (255.0 / scale)).clip(0, 255).astype(np.uint8)
+def _high_depth_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """Pixels of a high-depth Pillow ``mode`` (as floats) to uint8, by one scale per
+    format, never by the image's own range, so that brightness is comparable between
+    images (a dark class stays darker than a bright one):
+
+    - 16-bit modes (``I;16*``): divided by 257, so ``v * 257`` reads as ``v``, like the
+      image's 8-bit copy. 12-bit data stored in 16 bits comes out dark (up to 16).
+    - ``I`` (32-bit signed integers; also 16-bit PNGs in older Pillow): the same 16-bit
+      scale; values above 65,535 are white, below 0 black.
+    - ``F`` (32-bit float): no single convention exists, so the image's range picks one
+      of three fixed scales: [0, 1] (times 255) when its values lie within
+      [-UNIT_TOLERANCE, 1 + UNIT_TOLERANCE], else 0..255 (as is) when within
+      [0, 255 * (1 + UNIT_TOLERANCE)], else the 16-bit scale. Clipped.
+
+    NaN and infinite pixels become 0.
+    """
+    values = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if mode == "F" and values.size and values.min() >= -UNIT_TOLERANCE and values.max() <= 1.0 + UNIT_TOLERANCE:
+        scaled = values * 255.0
+    elif mode == "F" and values.size and values.min() >= -UNIT_TOLERANCE and values.max() <= 255.0 * (1.0 + UNIT_TOLERANCE):
+        scaled = values
+    else:
+        scaled = values / SIXTEEN_BIT_DIVISOR
+    return np.rint(scaled).clip(0, 255).astype(np.uint8)

@@ -16,12 +16,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .dataset import DataError
+from .dataset import DataError, _refuse_mostly_bad
 
 # Cell texts that mean "no value" in a CSV; they become NaN and are reported as missing
 # rather than as non-numeric text.
 _MISSING_TOKENS = frozenset({"", "nan", "-nan", "na", "n/a", "null", "none"})
 _INTEGER_TEXT = re.compile(r"[+-]?\d+")
+# Training runs in float32: a finite value beyond this would become inf.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _cell_text(value: Any) -> str:
@@ -44,14 +46,14 @@ def _cell_text(value: Any) -> str:
     return str(value).strip()
 
 
-def _label_texts(column: pd.Series, shown: str, label_column: str) -> list[str]:
-    """Labels as stripped text; raise naming the first empty one."""
+def _label_texts(column: pd.Series, shown: str, label_column: str) -> tuple[list[str], dict[int, str]]:
+    """Labels as stripped text, and {row: reason} for the rows whose label is empty
+    (set aside); raise when more than half of them are empty."""
     texts = [_cell_text(value) for value in column.tolist()]
     empty_rows = [row for row, text in enumerate(texts) if not text]
-    if empty_rows:
-        more = f" ({len(empty_rows) - 1} more)" if len(empty_rows) > 1 else ""
-        raise DataError(f"{shown}: empty label in column {label_column!r} at row {empty_rows[0]}{more}")
-    return texts
+    problem = f"empty label in column {label_column!r}"
+    _refuse_mostly_bad(empty_rows, len(texts), shown, problem, "check the label column")
+    return texts, {row: problem for row in empty_rows}
 
 
 def _to_numeric(column: pd.Series) -> tuple[np.ndarray | None, int]:
@@ -72,8 +74,10 @@ def _to_numeric(column: pd.Series) -> tuple[np.ndarray | None, int]:
     return numbers.to_numpy(dtype=np.float64, na_value=np.nan), -1
 
 
-def _numeric_targets(column: pd.Series, shown: str, label_column: str) -> np.ndarray:
-    """Regression targets as float32 (N,); raise on text, missing or infinite values."""
+def _numeric_targets(column: pd.Series, shown: str, label_column: str) -> tuple[np.ndarray, dict[int, str]]:
+    """Regression targets as float32 (N,), and {row: reason} for the rows whose target
+    is missing or infinite (set aside); raise on text, on a finite value beyond float32's
+    range, and when more than half of the targets are missing or infinite."""
     values, first_bad_row = _to_numeric(column)
     if values is None:
         example = _cell_text(column.iloc[first_bad_row])
@@ -81,12 +85,36 @@ def _numeric_targets(column: pd.Series, shown: str, label_column: str) -> np.nda
             f"{shown}: regression target column {label_column!r} is not numeric "
             f"(e.g. {example!r} in row {first_bad_row})"
         )
-    targets = values.astype(np.float32)
-    not_finite = ~np.isfinite(targets)
-    if not_finite.any():
-        row = int(np.flatnonzero(not_finite)[0])
-        raise DataError(f"{shown}: missing, NaN or infinite target in column {label_column!r} at row {row}")
-    return targets
+    _refuse_beyond_float32(values.reshape(-1, 1), [label_column], shown, "regression target column")
+    bad = _non_finite_reasons(values.reshape(-1, 1), [label_column], "target in column")
+    _refuse_mostly_bad(sorted(bad), len(values), shown, f"missing or infinite target in column {label_column!r}",
+                       "check the target column")
+    return values.astype(np.float32), bad
+
+
+def _refuse_beyond_float32(values: np.ndarray, names: list[str], shown: str, role: str) -> None:
+    """Raise naming the first finite value of ``values`` (rows x columns, float64) that
+    float32 cannot hold (it would become inf). Checked before any cast, so numpy's
+    overflow RuntimeWarning is never printed."""
+    huge = np.isfinite(values) & (np.abs(values) > FLOAT32_MAX)
+    if huge.any():
+        row, column = (int(index) for index in np.argwhere(huge)[0])  # row-major: the first bad row
+        raise DataError(
+            f"{shown}: value {values[row, column]:.6g} in {role} {names[column]!r} at row {row} is beyond "
+            f"float32 range (about +/-3.4e38), which training uses; rescale the column or drop the row"
+        )
+
+
+def _non_finite_reasons(values: np.ndarray, names: list[str], role: str) -> dict[int, str]:
+    """{row: reason} for each row of ``values`` (rows x columns) holding NaN or inf,
+    naming the first such column."""
+    not_finite = ~np.isfinite(values)
+    reasons: dict[int, str] = {}
+    for row in np.flatnonzero(not_finite.any(axis=1)).tolist():
+        column = int(np.flatnonzero(not_finite[row])[0])
+        kind = "missing" if np.isnan(values[row, column]) else "infinite"
+        reasons[row] = f"{kind} {role} {names[column]!r}"
+    return reasons
 
 
 def _sorted_class_names(names: Iterable[str]) -> list[str]:

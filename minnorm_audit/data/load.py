@@ -27,6 +27,8 @@ def load_dataset(
     feature_columns: list[str] | None = None,
     data_root: str | Path | None = None,
     max_memory_gb: float | None = None,
+    ignore_columns: list[str] | None = None,
+    workers: int | None = None,
 ) -> LoadedDataset:
     """Load an image folder, a manifest or a table, read-only.
 
@@ -48,7 +50,11 @@ def load_dataset(
         (bilinear, antialiased when shrinking) and the aspect ratio is not kept, so
         nothing is cropped away: a mislabel visible only at an edge stays visible.
     feature_columns : list of str, optional
-        Table: the feature columns. Default: every column but ``label_column``.
+        Table: the feature columns. Default: every column but ``label_column``, those
+        in ``ignore_columns`` and a saved pandas index (a first column without a header
+        counting the rows, as ``DataFrame.to_csv(path)`` writes it; left out with a
+        note). A column of fixed-length numeric lists (an embedding) gives one feature
+        per element, ``name[0]``, ``name[1]``, ...; single elements may be named so.
     data_root : str or Path, optional
         Manifest only: the folder its paths are relative to, instead of the
         manifest's own folder (e.g. a manifest written by ``minnorm-audit clean``,
@@ -58,6 +64,12 @@ def load_dataset(
         Above it, ``inputs`` is a :class:`~minnorm_audit.data.placement.LazyImages` that
         decodes each image on access (same pixels), after a cheap pre-scan that sets
         unreadable files aside. Default: half of the memory available now.
+    ignore_columns : list of str, optional
+        Table: columns that are not features (ids, notes, ...).
+    workers : int, optional
+        Images decoded into memory: the most worker processes decoding 2,000 files or
+        more (the same pixels as in one process); 0: this process only. Default: one
+        per CPU.
 
     Returns
     -------
@@ -83,11 +95,26 @@ def load_dataset(
     skipped); those that cannot be decoded are set aside with a reason, as are files
     lying directly in the root. Multi-frame files (GIF, TIFF) give their first frame.
     Palette, gray, CMYK, 1-bit and 16-bit/float images become RGB: transparency is
-    composited onto white, and 16-bit/32-bit/float images are scaled by their own
-    maximum (float images already within [0, 1] by 1) so 12-bit data stored in 16 bits
-    is not near-black. EXIF orientation is applied. JPEGs much larger than ``image_size`` are decoded at a
-    reduced scale (``Image.draft``). Pillow's decompression-bomb limit
-    (``PIL.Image.MAX_IMAGE_PIXELS``) stays on: an image over it is set aside.
+    composited onto white, and high bit depths are brought to 8 bits by one scale per
+    format, never per image, so a dark class stays darker than a bright one: 16-bit
+    values are divided by 257 (a 16-bit image reads like its 8-bit copy; 12-bit data
+    stored in 16 bits comes out dark, up to 16 of 255), 32-bit integer images are read
+    on the same 16-bit scale (above 65,535 is white), and float images are read as
+    [0, 1] data when within [-0.01, 1.01], else on the 0..255 scale when within it,
+    else on the 16-bit scale (clipped). EXIF orientation is applied. JPEGs much larger
+    than ``image_size`` are decoded at a reduced scale (``Image.draft``). Pillow's
+    decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) stays on: an image over
+    it is set aside.
+
+    Manifests: backslashes in paths are read as ``/`` (Windows paths), and paths must
+    still stay inside their folder. A row with an empty path or label (or a missing
+    regression target) is set aside with the reason, like a missing file.
+
+    Tables: see :mod:`minnorm_audit.data.table` (delimiter and decimal commas, saved
+    index, vector columns). A row with an empty label, a missing target or a missing
+    or infinite feature value is set aside with the reason; a column bad in more than
+    half of its rows, and any finite value beyond float32's range, stop the load with
+    one line naming the column and row.
 
     Row numbers in messages and in table ``sources`` are 0-based data rows (the header
     is not counted).
@@ -114,7 +141,7 @@ def load_dataset(
             raise DataError(
                 f"task {task!r} needs a manifest or table with numeric targets, but {shown} is an image folder"
             )
-        return _load_image_folder(root, shown, image_size=image_size, max_memory_gb=max_memory_gb)
+        return _load_image_folder(root, shown, image_size=image_size, max_memory_gb=max_memory_gb, workers=workers)
 
     if format == "images":
         raise DataError(f"format 'images' needs a folder of class subfolders, but {shown} is a file")
@@ -122,8 +149,9 @@ def load_dataset(
     if format == "manifest" or (format == "auto" and path_column in frame.columns):
         return _load_manifest(
             frame, root, shown, label_column=label_column, path_column=path_column, task=task, image_size=image_size,
-            base_dir=_data_root_folder(data_root), max_memory_gb=max_memory_gb,
+            base_dir=_data_root_folder(data_root), max_memory_gb=max_memory_gb, workers=workers,
         )
     if data_root is not None:
         raise DataError(f"a data root applies to a manifest (a file with a {path_column!r} column), but {shown} is a table")
-    return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task)
+    return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task,
+                       ignore_columns=ignore_columns)

@@ -2,17 +2,23 @@
 
 Paths are relative to the manifest's folder, or to an explicit data root; a path that
 is absolute or resolves (through ``..`` or a symlink) outside that folder is refused.
+Backslashes are read as ``/`` (a manifest written on Windows: ``images\\cat\\1.jpg``),
+and the example's ``source`` is the path with ``/``. A row whose path or label is
+empty is set aside with the reason, like a row whose file is missing or unreadable.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from .dataset import DataError, LoadedDataset, SetAsideItem
+from .dataset import DataError, LoadedDataset, SetAsideItem, _refuse_mostly_bad
+from .images import _DecodedImage
 from .image_files import _image_dataset, _nothing_readable_message, _read_image_files
 from .labels import _cell_text, _class_indices, _label_texts, _numeric_targets
 from .table import _require_columns
@@ -29,43 +35,54 @@ def _load_manifest(
     image_size: int,
     base_dir: Path | None = None,
     max_memory_gb: float | None = None,
+    workers: int | None = None,
 ) -> LoadedDataset:
     """Load the images a manifest lists, each path relative to the manifest's folder
-    (or to ``base_dir``, an explicit data root)."""
+    (or to ``base_dir``, an explicit data root). A row whose path or label is empty, or
+    whose file cannot be read, is set aside; a column empty in most rows stops the load."""
     _require_columns(frame, shown, {"path": path_column, "label": label_column})
     if len(frame) == 0:
         raise DataError(f"{shown} has no rows")
     manifest_dir = base_dir or manifest_path.parent
     base_name = "the data root" if base_dir else "the manifest's folder"
 
+    reasons: dict[int, str] = {}
     written_paths: list[str] = []
-    file_paths: list[Path] = []
+    file_paths: dict[int, Path] = {}
     for row, value in enumerate(frame[path_column].tolist()):
         written = _cell_text(value)
         if not written:
-            raise DataError(f"{shown} row {row}: empty {path_column!r}")
-        file_paths.append(_contained_path(manifest_dir, written, f"{shown} row {row}", base_name))
+            reasons[row] = f"empty {path_column!r}"
+            written_paths.append(f"row {row}")
+            continue
+        written, file_paths[row] = _contained_path(manifest_dir, written, f"{shown} row {row}", base_name)
         written_paths.append(written)
+    _refuse_mostly_bad(sorted(reasons), len(frame), shown, f"empty {path_column!r}", "check the path column")
 
+    label_texts: list[str] | None = None
     if task == "regression":
-        label_texts = None
-        all_targets = _numeric_targets(frame[label_column], shown, label_column)
+        all_targets, label_reasons = _numeric_targets(frame[label_column], shown, label_column)
     else:
-        label_texts = _label_texts(frame[label_column], shown, label_column)
-        all_targets = None
+        label_texts, label_reasons = _label_texts(frame[label_column], shown, label_column)
+    for row, reason in label_reasons.items():
+        reasons.setdefault(row, reason)
 
-    decoded = _read_image_files(file_paths, image_size, max_memory_gb)
-    kept_rows = [row for row, result in enumerate(decoded) if result.reason is None]
-    set_aside = [
-        SetAsideItem(written_paths[row], result.reason or "unreadable")
-        for row, result in enumerate(decoded)
-        if result.reason is not None
-    ]
+    # Only the rows still in play are read.
+    to_read = [row for row in range(len(frame)) if row not in reasons]
+    decoded: dict[int, _DecodedImage] = {}
+    read = _read_image_files([file_paths[row] for row in to_read], image_size, max_memory_gb, workers=workers)
+    for row, result in zip(to_read, read):
+        if result.reason is None:
+            decoded[row] = result
+        else:
+            reasons[row] = result.reason or "unreadable"
+    kept_rows = sorted(decoded)
+    set_aside = [SetAsideItem(written_paths[row], reasons[row]) for row in sorted(reasons)]
     if not kept_rows:
         raise DataError(_nothing_readable_message(shown, set_aside))
 
-    if all_targets is not None:  # regression
-        kept_targets = all_targets[kept_rows]
+    if label_texts is None:  # regression
+        kept_targets = np.ascontiguousarray(all_targets[kept_rows])
         kept = [(written_paths[row], "", decoded[row]) for row in kept_rows]
         return _image_dataset(
             manifest_path,
@@ -77,21 +94,26 @@ def _load_manifest(
             task="regression",
             target_names=[label_column],
         )
-    assert label_texts is not None  # classification: set above
     kept = [(written_paths[row], label_texts[row], decoded[row]) for row in kept_rows]
     class_names, targets = _class_indices([label for _, label, _ in kept], shown)
     return _image_dataset(manifest_path, kept, class_names, targets, set_aside, image_size)
 
 
-def _contained_path(base_dir: Path, written: str, where: str, base_name: str = "the manifest's folder") -> Path:
-    """Resolve ``written`` under ``base_dir``; refuse anything that lands outside it."""
-    if os.path.isabs(written) or written.startswith(("/", "\\")):
+# "C:\\photos\\x.jpg", "C:/photos/x.jpg": absolute on Windows, whatever the OS reading it.
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[/\\]")
+
+
+def _contained_path(base_dir: Path, written: str, where: str, base_name: str = "the manifest's folder") -> tuple[str, Path]:
+    """The path as a POSIX source (backslashes read as ``/``: a manifest written on
+    Windows) and resolved under ``base_dir``; refuse anything that lands outside it."""
+    if os.path.isabs(written) or written.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(written):
         raise DataError(f"{where}: path {written!r} is absolute; manifest paths must be relative to {base_name}")
+    posix = written.replace("\\", "/")
     # resolve() follows symlinks and '..', so both kinds of escape are caught here.
-    resolved = (base_dir / written).resolve()
+    resolved = (base_dir / posix).resolve()
     if not resolved.is_relative_to(base_dir):
         raise DataError(f"{where}: path {written!r} points outside {base_name} {base_dir}")
-    return resolved
+    return posix, resolved
 
 
 def _data_root_folder(data_root: str | Path | None) -> Path | None:

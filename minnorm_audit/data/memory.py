@@ -17,9 +17,17 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from .dataset import DataError, LoadedDataset, SetAsideItem, _check_image_size, _check_task, _list_names
+from .dataset import (
+    DataError,
+    LoadedDataset,
+    SetAsideItem,
+    _check_image_size,
+    _check_task,
+    _list_names,
+    _refuse_mostly_bad,
+)
 from .fingerprint import _Fingerprint, _little_endian_bytes
-from .images import _HIGH_DEPTH_MODES, _apply_exif_orientation, _to_rgb
+from .images import _HIGH_DEPTH_MODES, UNIT_TOLERANCE, _apply_exif_orientation, _high_depth_to_uint8, _to_rgb
 from .labels import _class_indices, _label_texts, _numeric_targets
 from .table import _load_table
 
@@ -32,6 +40,7 @@ def load_frame(
     label_column: str = "label",
     feature_columns: list[str] | None = None,
     task: str = "classification",
+    ignore_columns: list[str] | None = None,
 ) -> LoadedDataset:
     """Load a pandas DataFrame of numeric features and a label column.
 
@@ -43,19 +52,25 @@ def load_frame(
     label_column : str, default="label"
         The column holding labels (or regression targets).
     feature_columns : list of str, optional
-        The feature columns. Default: every column but ``label_column``.
+        The feature columns. Default: every column but ``label_column``, those in
+        ``ignore_columns`` and a saved pandas index (see :func:`load_dataset`). A column
+        of fixed-length numeric lists or arrays gives one feature per element.
     task : {"classification", "regression"}, default="classification"
+    ignore_columns : list of str, optional
+        Columns that are not features.
 
     Returns
     -------
     LoadedDataset
-        ``kind="table"``, ``root=None``, ``origin="dataframe"``.
+        ``kind="table"``, ``root=None``, ``origin="dataframe"``. Rows with an empty
+        label or a missing or infinite value are set aside, as in a table file.
 
     Raises
     ------
     DataError
         The same one-line errors as a table file: missing label column, non-numeric
-        feature columns, NaN/inf features, empty labels, a single class, no rows.
+        feature columns, a column bad in more than half of its rows, a value beyond
+        float32's range, a single class, no rows.
     """
     if not isinstance(frame, pd.DataFrame):
         raise TypeError(f"load_frame needs a pandas DataFrame, got {type(frame).__name__}")
@@ -69,6 +84,7 @@ def load_frame(
         label_column=str(label_column),
         feature_columns=None if feature_columns is None else [str(name) for name in feature_columns],
         task=task,
+        ignore_columns=None if ignore_columns is None else [str(name) for name in ignore_columns],
     )
     loaded.origin = "dataframe"
     return loaded
@@ -104,15 +120,20 @@ def load_arrays(
     Raises
     ------
     DataError
-        Shapes that do not fit, NaN/inf values, empty labels, a single class.
+        Shapes that do not fit, a single class, more than half of the items bad.
 
     Notes
     -----
-    Images become uint8 RGB: uint8 values are used as they are, other values within
-    [0, 1] are scaled by 255, values within [0, 255] kept, and anything else (e.g.
+    Images become uint8 RGB: uint8 values are used as they are; other values within
+    [-0.01, 1.01] (``UNIT_TOLERANCE``: a pixel at 1.0001 is rounding, not another
+    scale) are [0, 1] data, clipped and scaled by 255, with a notice when any value
+    was outside [0, 1]; values within [-0.01, 257.55] are 0..255 data, clipped (with
+    the same notice); anything else (e.g.
     normalized tensors) is mapped linearly from the data's overall minimum and
-    maximum to 0..255 (one map for the whole dataset, so relative brightness
-    between images is kept). Four channels are RGBA, composited onto white.
+    maximum to 0..255, with a notice (one map for the whole dataset, so relative brightness
+    between images is kept). Four channels are RGBA, composited onto white. An item
+    with an empty label or with NaN or infinite pixels is set aside (``source``: its
+    position); features go through the table loader, whose bad rows are set aside too.
     """
     _check_task(task)
     _check_image_size(image_size)
@@ -227,8 +248,10 @@ def load_torch_dataset(
     frame = pd.DataFrame(np.stack(inputs), columns=[f"feature_{index}" for index in range(len(inputs[0]))])
     frame["label"] = pd.Series(labels, dtype=object)
     loaded = _load_table(frame, None, shown, label_column="label", feature_columns=None, task=task)  # type: ignore[arg-type]
-    loaded.sources = [str(position) for position in positions]
-    loaded.set_aside = set_aside
+    # The table's rows are the usable items, in order: back to positions in the dataset.
+    loaded.sources = [str(positions[int(row)]) for row in loaded.sources]
+    bad_rows = [SetAsideItem(str(positions[int(item.source)]), item.reason) for item in loaded.set_aside]
+    loaded.set_aside = sorted(set_aside + bad_rows, key=lambda item: int(item.source))
     loaded.origin = "dataset"
     return loaded
 
@@ -258,8 +281,8 @@ def _item_array(value: Any) -> np.ndarray:
     """A dataset item's input as a numpy array: (D,) features, (H, W) or (H, W, C) image."""
     if isinstance(value, Image.Image):
         image = _apply_exif_orientation(value)
-        if image.mode in _HIGH_DEPTH_MODES:
-            return np.asarray(image.convert("F"), dtype=np.float32)
+        if image.mode in _HIGH_DEPTH_MODES:  # the same fixed scale per format as an image file
+            return _high_depth_to_uint8(np.asarray(image.convert("F"), dtype=np.float32), image.mode)
         if image.mode not in ("L", "RGB", "RGBA"):
             image = image.convert("RGBA" if image.has_transparency_data else "RGB")
         return np.asarray(image)
@@ -302,36 +325,51 @@ def _in_memory_images(
     origin: str,
     shown: str,
 ) -> LoadedDataset:
-    """Images given as (H, W) or (H, W, C) arrays -> a LoadedDataset of uint8 (N, 3, S, S)."""
-    sources = [str(position) for position in positions]
+    """Images given as (H, W) or (H, W, C) arrays -> a LoadedDataset of uint8 (N, 3, S, S);
+    items with an empty label or non-finite pixels are set aside."""
     label_series = pd.Series(labels, dtype=object)
+    label_texts: list[str] | None = None
     if task == "regression":
-        target_values = _numeric_targets(label_series, shown, "label")
-        label_texts = None
+        target_values, reasons = _numeric_targets(label_series, shown, "label")
     else:
-        label_texts = _label_texts(label_series, shown, "label")
-        target_values = None
-    scale = _image_value_map(images, positions, shown)
-    pixels = np.empty((len(images), 3, image_size, image_size), dtype=np.uint8)
-    fingerprint = _Fingerprint("images", task, image_size)
+        label_texts, reasons = _label_texts(label_series, shown, "label")
+    not_finite = []
     for index, image in enumerate(images):
         if image.ndim == 3 and image.shape[2] not in _CHANNEL_COUNTS:
             raise DataError(f"{shown}: item {positions[index]} has {image.shape[2]} channels; expected 1, 3 or 4")
-        pixels[index] = _array_to_pixels(image, scale, image_size)
-        fingerprint.add_text(sources[index])
+        if image.dtype != np.uint8 and not np.isfinite(image).all():
+            not_finite.append(index)
+    _refuse_mostly_bad([positions[index] for index in not_finite], len(images), shown, "NaN or infinite pixel values",
+                       "check the inputs", unit="item")
+    for index in not_finite:
+        reasons.setdefault(index, "NaN or infinite pixel values")
+    kept = [index for index in range(len(images)) if index not in reasons]
+    set_aside = sorted(set_aside + [SetAsideItem(str(positions[index]), reason) for index, reason in reasons.items()],
+                       key=lambda item: int(item.source))
+    if not kept:
+        raise DataError(f"no usable items in {shown}: all {len(set_aside)} items were set aside "
+                        f"(first: item {set_aside[0].source}: {set_aside[0].reason})")
+    sources = [str(positions[index]) for index in kept]
+    scale, note = _image_value_map([images[index] for index in kept], shown)
+    pixels = np.empty((len(kept), 3, image_size, image_size), dtype=np.uint8)
+    fingerprint = _Fingerprint("images", task, image_size)
+    for row, index in enumerate(kept):
+        image = images[index]
+        pixels[row] = _array_to_pixels(image, scale, image_size)
+        fingerprint.add_text(sources[row])
         fingerprint.add_text(label_texts[index] if label_texts is not None else "")
         raw = np.ascontiguousarray(image)
         fingerprint.add_bytes(
             hashlib.sha256(f"{raw.dtype.str}{raw.shape}".encode() + _little_endian_bytes(raw)).digest()
         )
-    if target_values is not None:
-        fingerprint.add_bytes(_little_endian_bytes(target_values))
+    if label_texts is None:  # regression
+        kept_targets = np.ascontiguousarray(target_values[kept])
+        fingerprint.add_bytes(_little_endian_bytes(kept_targets))
         class_names: list[str] = []
-        targets = torch.from_numpy(target_values.reshape(-1, 1))
+        targets = torch.from_numpy(kept_targets.reshape(-1, 1))
         target_names = ["label"]
     else:
-        assert label_texts is not None
-        class_names, targets = _class_indices(label_texts, shown)
+        class_names, targets = _class_indices([label_texts[index] for index in kept], shown)
         target_names = []
     return LoadedDataset(
         kind="images",
@@ -347,25 +385,35 @@ def _in_memory_images(
         fingerprint=fingerprint.hexdigest(),
         image_size=image_size,
         origin=origin,
+        notes=[note] if note else [],
     )
 
 
-def _image_value_map(images: list[np.ndarray], positions: list[int], shown: str) -> tuple[float, float]:
-    """(offset, factor) taking the non-uint8 images' values to 0..255 (see load_arrays' Notes)."""
+def _image_value_map(images: list[np.ndarray], shown: str) -> tuple[tuple[float, float], str | None]:
+    """(offset, factor) taking the non-uint8 images' values to 0..255 (see load_arrays'
+    Notes), and a notice when values were clipped or mapped from the data's range."""
     low, high = math.inf, -math.inf
-    for index, image in enumerate(images):
-        if image.dtype == np.uint8:
-            continue
-        values = image.astype(np.float64, copy=False)
-        if not np.isfinite(values).all():
-            raise DataError(f"{shown}: item {positions[index]} has NaN or infinite pixel values")
-        if values.size:
-            low, high = min(low, float(values.min())), max(high, float(values.max()))
-    if low == math.inf or (low >= 0.0 and high <= 255.0 and high > 1.0):
-        return 0.0, 1.0
-    if low >= 0.0 and high <= 1.0:
-        return 0.0, 255.0
-    return low, 255.0 / (high - low) if high > low else 0.0
+    for image in images:
+        if image.dtype != np.uint8 and image.size:
+            low, high = min(low, float(image.min())), max(high, float(image.max()))
+    if low == math.inf:
+        return (0.0, 1.0), None
+    # The tolerance is relative at the top (255.3 is 0..255 data) and -UNIT_TOLERANCE at
+    # the bottom: data reaching well below 0 (normalized tensors) is neither scale.
+    for top, factor in ((1.0, 255.0), (255.0, 1.0)):
+        if low >= -UNIT_TOLERANCE and high <= top * (1.0 + UNIT_TOLERANCE):
+            if low >= 0.0 and high <= top:
+                return (0.0, factor), None
+            outside = sum(int(((image < 0) | (image > top)).sum()) for image in images if image.dtype != np.uint8)
+            return (0.0, factor), (
+                f"{shown}: {outside} pixel value(s) lie outside [0, {top:g}] (from {low:.6g} to {high:.6g}), within "
+                f"the tolerance ({-UNIT_TOLERANCE:g} to {top * (1.0 + UNIT_TOLERANCE):g}): the images are read as "
+                f"[0, {top:g}] data and those values clipped"
+            )
+    return (low, 255.0 / (high - low) if high > low else 0.0), (
+        f"{shown}: pixel values range from {low:.6g} to {high:.6g}, neither [0, 1] nor [0, 255] data: they are "
+        "mapped linearly to 0..255, one map for the whole dataset"
+    )
 
 
 def _array_to_pixels(image: np.ndarray, value_map: tuple[float, float], image_size: int) -> np.ndarray:

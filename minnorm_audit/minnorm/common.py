@@ -14,8 +14,12 @@ class StateMismatchError(ValueError):
     """A saved Minnorm state does not belong to this dataset or problem."""
 
 
-#: Lowest value one visit adds to the violation sums: an example far inside its margin
-#: at one visit cannot cancel many visits at which it was violated.
+#: Lowest value one visit adds to the violation sums of the margin form: an example far
+#: inside its margin at one visit cannot cancel many visits at which it was violated.
+#: The equality form sums the signed ``g`` unfloored (its score is ``|mean g|``, which
+#: must treat targets above and below the prediction alike). It is also what the
+#: margin form's mean violations read on the own-label column ("never a competing
+#: class") and for an example not visited yet (Minnorm.mean_violations).
 VIOLATION_FLOOR = -5.0
 
 

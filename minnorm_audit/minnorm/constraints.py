@@ -39,7 +39,14 @@ def promoted_outputs(outputs: torch.Tensor, num_outputs: int) -> torch.Tensor:
 
 
 def margin_values(outputs: torch.Tensor, labels: torch.Tensor, *, num_outputs: int, margin: float) -> torch.Tensor:
-    """``g`` of the margin form (binary when ``num_outputs == 1``); own-label column 0."""
+    """``g`` of the margin form (binary when ``num_outputs == 1``); own-label column 0.
+
+    Binary form: labels other than 0 and 1 raise ``ValueError`` here when they are on
+    the CPU (the check costs no device sync there). On another device checking each
+    batch would stall the host once per step, so :class:`~.optimizer.Minnorm` checks the
+    labels it recorded instead, at its per-epoch reads (``diagnostics()``,
+    ``state_dict()``, the scores).
+    """
     if num_outputs == 1:
         if labels.device.type == "cpu" and bool(((labels != 0) & (labels != 1)).any()):
             raise ValueError("the binary (single-output) margin form needs labels 0 or 1")
@@ -64,9 +71,11 @@ def constraint_values(
     """``g`` for a batch, see :meth:`.optimizer.Minnorm.constraint_values`."""
     outputs = promoted_outputs(outputs, num_outputs)
     if form == "equality":
-        targets = targets.to(outputs.dtype).reshape(outputs.shape)
+        targets = targets.to(outputs.device, outputs.dtype).reshape(outputs.shape)
         return targets - outputs
-    return margin_values(outputs, targets.long().reshape(-1), num_outputs=num_outputs, margin=margin)
+    return margin_values(
+        outputs, targets.to(outputs.device, torch.long).reshape(-1), num_outputs=num_outputs, margin=margin
+    )
 
 
 def effective_multipliers(
@@ -132,7 +141,8 @@ def linear_term(
     labels: torch.Tensor | None
     if form == "equality":
         labels = None
-        target_values = targets.to(detached.dtype).reshape(detached.shape)
+        # Targets may come on another device or in another dtype (float64 from numpy).
+        target_values = targets.to(detached.device, detached.dtype).reshape(detached.shape)
         constraint_values = target_values - detached
         effective = _as_dtype(constraint_values * damping, work_dtype)
         torch.add(_as_dtype(multipliers, work_dtype), effective, out=effective)

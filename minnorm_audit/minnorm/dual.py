@@ -69,15 +69,18 @@ def dual_step(
     (updated, violation, increment)
         The new multipliers (margin form: in ``[0, max_multiplier]``, own-label column
         0); each example's largest violation; with ``track_violations`` what this
-        visit adds to the violation sums (``-g``, ``g`` in the equality form, floored
-        at ``VIOLATION_FLOOR``), else None.
+        visit adds to the violation sums, float32 of ``g``'s shape: margin form ``-g``
+        floored at ``VIOLATION_FLOOR``, equality form ``g`` itself (signed, no floor),
+        else None.
     """
     increment = None
     if form == "equality":
         updated = current + dual_lr * g
         violation = g.abs().amax(dim=1)
         if track_violations:
-            increment = g.float().clamp(min=VIOLATION_FLOOR)
+            # Signed and unfloored: the score is |mean g|, so a target far above the
+            # prediction and one as far below must count alike (no VIOLATION_FLOOR).
+            increment = g.float()
         return updated, violation, increment
     # relu(current - dual_lr * g), own-label column 0 (same rounding as
     # the plain expression, without the temporaries).

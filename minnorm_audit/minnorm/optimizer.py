@@ -37,25 +37,27 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from . import constraints, norm
 from .common import ConstraintForm, StateMismatchError, _as_dtype
 from .dual import DualAscentMixin, PendingDualUpdate
+from .eager import EagerOptimizerMixin
 from .planner import DEFAULT_MEMORY_BUDGET_BYTES, StoreChoice, build_store
 from .readout import ReadoutMixin
 from .stores import CompactMultiplierStore, MultiplierStore, _describe_store
 
 
-class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
+class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Optimizer):
     """Minnorm training around any ``torch.optim.Optimizer``.
 
     The wrapper shares ``param_groups`` and ``state`` with ``base_optimizer`` so LR
     schedulers and ``isinstance(opt, Optimizer)`` checks keep working. The dual step and
     the deferred window are :class:`~.dual.DualAscentMixin`'s methods, the read methods
-    (multipliers, scores, diagnostics) :class:`~.readout.ReadoutMixin`'s.
+    (multipliers, scores, diagnostics) :class:`~.readout.ReadoutMixin`'s. Building it
+    and stepping it import no ``torch._dynamo`` (:mod:`.eager`) when the base optimizer
+    is one of :mod:`.eager`'s (``training.fit`` builds those).
 
     Parameters
     ----------
@@ -183,15 +185,16 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
         self._queued_examples = 0
         self._window_examples: int | None = None
         self._max_multiplier: float | None = None
-        self._previous_scores: np.ndarray | None = None
+        self._previous_scores: torch.Tensor | None = None  # diagnostics' difficulty, on the device
         self.dual_steps = 0
         self.average_epochs = 0
         # Box constraint 0 <= lambda <= max_multiplier (soft margin); None = hard margin.
         self.max_multiplier = None if max_multiplier is None else float(max_multiplier)
         # The dual ascent before projection, per example and class: the sum over visits
-        # of -g (floored, see VIOLATION_FLOOR) and the visit count. Its mean is the
-        # "violation" score state of training.fit: one more (n, width) table beside the
-        # dense store, one float per slot inside the compact one.
+        # of -g (margin form, floored at VIOLATION_FLOOR; equality form: the signed g)
+        # and the visit count. Its mean is the "violation" score state of training.fit:
+        # one more (n, width) table beside the dense store, one float per slot inside
+        # the compact one.
         self.violation_sums: torch.Tensor | None = None
         self.visits: torch.Tensor | None = None
         self._ones: torch.Tensor | None = None  # see _visit_ones
@@ -255,14 +258,27 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
         Parameters
         ----------
         outputs : Tensor, shape (batch, num_outputs) or (batch,)
+            Any layout (a non-contiguous slice such as ``out[:, :K]`` too); half
+            precision is promoted to float32.
         targets : Tensor
-            Class indices (margin form) or real targets (equality form).
+            Class indices (margin form; 0 or 1 in the binary form) or real targets
+            (equality form, ``batch x num_outputs`` values). Any device and dtype: they
+            are moved to the outputs' (float64 targets from numpy are fine).
         example_ids : Tensor of int, shape (batch,)
 
         Returns
         -------
         Tensor
             Scalar: ``+sum mu_eff . g`` (equality) or ``-sum lambda_eff * g`` (margin).
+
+        Raises
+        ------
+        ValueError
+            ``outputs`` not ``num_outputs`` wide; binary labels other than 0 and 1 on
+            the CPU (on another device they are refused by the per-epoch reads, see
+            :meth:`check_recorded_labels`).
+        IndexError
+            An example id outside ``[0, num_examples)`` (on a GPU: a device-side assert).
 
         Notes
         -----
@@ -292,7 +308,8 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
             PendingDualUpdate(example_ids, term.constraint_values, term.labels, multipliers, store.version)
         )
         self._pending_batch_size += int(example_ids.numel())
-        value = torch.dot(outputs.view(-1), _as_dtype(term.coefficients, outputs.dtype).view(-1))
+        # reshape, not view: a network may return a non-contiguous slice (out[:, :K]).
+        value = torch.dot(outputs.reshape(-1), _as_dtype(term.coefficients, outputs.dtype).reshape(-1))
         return torch.add(value, _as_dtype(term.constant, outputs.dtype), alpha=term.constant_scale)
 
     # ------------------------------------------------------------------ stepping
@@ -369,13 +386,24 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
                 "max_multiplier": self.max_multiplier,
                 "violation_sums": self.violation_sums,
                 "visits": self.visits,
-                "previous_scores": None if self._previous_scores is None else torch.from_numpy(self._previous_scores),
+                "previous_scores": self._previous_scores,
             },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
         """Restore a state saved by :meth:`state_dict`, refusing one from another
-        dataset or problem with a clear message."""
+        dataset or problem with a clear message.
+
+        Raises
+        ------
+        StateMismatchError
+            Before anything is loaded, in one line naming the setting and both values,
+            when the saved ``form``, ``num_examples``, ``num_outputs``,
+            ``dataset_fingerprint``, ``margin``, ``dual_lr`` or ``damping`` differ from
+            this run's (the settings are this run's, never replaced by the saved ones),
+            when the multiplier store (kind, slots) differs, or when this run tracks
+            violations and the saved state did not.
+        """
         if "base" not in state_dict or "minnorm" not in state_dict:
             raise StateMismatchError("not a Minnorm state: expected keys 'base' and 'minnorm'")
         saved = state_dict["minnorm"]
@@ -390,6 +418,13 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
                     f"saved Minnorm state has {key}={saved[key]!r} but this run has {mine!r}: "
                     "it belongs to another dataset or problem"
                 )
+        # The problem's settings are this run's, never silently replaced by the saved ones.
+        for key, mine in (("margin", self.margin), ("dual_lr", self.dual_lr), ("damping", self.damping)):
+            if float(saved[key]) != mine:
+                raise StateMismatchError(
+                    f"saved Minnorm state has {key}={float(saved[key])!r} but this run has {mine!r}: "
+                    f"build Minnorm with the saved {key} to resume, or start a new run"
+                )
         store_state = saved.get("store") or {"kind": "dense", "multipliers": saved["multipliers"]}
         saved_store = (store_state["kind"], store_state.get("slots"))
         if saved_store != (self.multipliers.kind, self.multipliers.slots):
@@ -398,14 +433,13 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
                 f"{_describe_store(self.multipliers.kind, self.multipliers.slots)}: choose the same "
                 "multiplier store (and slots) to resume"
             )
+        if self.visits is not None and saved.get("visits") is None:
+            raise StateMismatchError("saved Minnorm state did not track violations but this run does")
         self.base_optimizer.load_state_dict(state_dict["base"])
         # load_state_dict of the base rebuilds its param_groups list; share it again.
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self._queued, self._queued_examples = [], 0  # updates of the state being replaced
-        self.margin = float(saved["margin"])
-        self.dual_lr = float(saved["dual_lr"])
-        self.damping = float(saved["damping"])
         self.multipliers.load_state_dict(store_state)
         with torch.no_grad():
             self.last_violation.copy_(saved["last_violation"].to(self.device))
@@ -414,13 +448,14 @@ class Minnorm(DualAscentMixin, ReadoutMixin, torch.optim.Optimizer):
         self.average_epochs = int(saved.get("average_epochs", 0))
         self.max_multiplier = saved.get("max_multiplier", self.max_multiplier)
         if self.visits is not None:
-            if saved.get("visits") is None:
-                raise StateMismatchError("saved Minnorm state did not track violations but this run does")
             with torch.no_grad():
                 if self.violation_sums is not None:
                     self.violation_sums.copy_(saved["violation_sums"].to(self.device))
                 self.visits.copy_(saved["visits"].to(self.device))
         previous_scores = saved.get("previous_scores")
-        self._previous_scores = None if previous_scores is None else previous_scores.numpy().copy()
+        if previous_scores is not None:  # float64, float32 on MPS (no float64 there)
+            score_dtype = torch.float32 if self.device.type == "mps" else torch.float64
+            previous_scores = previous_scores.to(self.device, score_dtype).clone()
+        self._previous_scores = previous_scores
         self._pending, self._pending_batch_size = [], 0
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .common import VIOLATION_FLOOR, ConstraintForm
-from .stats import spearman
+from .stats import spearman_tensors
 from .stores import CompactMultiplierStore, MultiplierStore
 
 
@@ -23,13 +23,15 @@ class ReadoutMixin:
     """
 
     form: ConstraintForm
+    num_outputs: int
     fitted_tolerance: float
+    max_multiplier: float | None  # Minnorm's property
     multipliers: MultiplierStore
     labels: torch.Tensor
     last_violation: torch.Tensor
     violation_sums: torch.Tensor | None
     visits: torch.Tensor | None
-    _previous_scores: np.ndarray | None
+    _previous_scores: torch.Tensor | None  # float64 (MPS: float32), on the multipliers' device
     flush_dual_updates: Callable[[], None]  # DualAscentMixin's
     norm_value: Callable[[], float]  # Minnorm's
 
@@ -45,18 +47,46 @@ class ReadoutMixin:
         return self.multipliers.dense_average()
 
     def mean_violations(self) -> torch.Tensor:
-        """Mean over each example's visits of ``-g`` per class (margin form; ``g`` in
-        the equality form), each visit floored at ``VIOLATION_FLOOR``: the dual ascent
-        before the projection onto ``[0, max_multiplier]``, per step of ``dual_lr``.
-        Needs ``track_violations=True``."""
+        """Mean over each example's visits of ``-g`` per class: the dual ascent before
+        the projection onto ``[0, max_multiplier]``, per step of ``dual_lr``.
+
+        Returns
+        -------
+        Tensor, float32, shape (num_examples, num_outputs), on the multipliers' device
+            Margin form: each visit's ``-g_ij`` floored at ``VIOLATION_FLOOR`` (units of
+            the outputs, like the margin). With ``K >= 2`` outputs the own-label column
+            reads ``VIOLATION_FLOOR`` ("never a competing class"), and so does every
+            column of an example not visited yet, in both stores (the compact store's
+            classes without a slot read it too). Binary single output: the one column
+            is the competing class (0 before the first visit). Equality form: the mean
+            of the signed ``g = t - f``, unfloored (0 before the first visit).
+
+        Raises
+        ------
+        RuntimeError
+            Without ``track_violations=True``.
+        """
         self.flush_dual_updates()
         if self.visits is None:
             raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
         if isinstance(self.multipliers, CompactMultiplierStore):
             # Classes without a slot were never violated for long: the floor stands in.
             return self.multipliers.dense_mean_violations(self.visits, VIOLATION_FLOOR)
-        assert self.violation_sums is not None
-        return self.violation_sums / self.visits.clamp(min=1).unsqueeze(1).float()
+        return self._dense_mean_violation_rows(0, self.multipliers.num_examples)
+
+    def _dense_mean_violation_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the dense store's mean violations, with the own-label
+        column (and unvisited rows) at ``VIOLATION_FLOOR`` in the multiclass margin form,
+        as the compact store reads them."""
+        assert self.violation_sums is not None and self.visits is not None
+        visits = self.visits[start:stop]
+        means = self.violation_sums[start:stop] / visits.clamp(min=1).unsqueeze(1).float()
+        if self.form == "margin" and means.shape[1] > 1:
+            # Labels are -1 until the first visit: no column matches, the row is unvisited.
+            classes = torch.arange(means.shape[1], device=means.device)
+            floor = (classes == self.labels[start:stop].unsqueeze(1)) | (visits == 0).unsqueeze(1)
+            means = means.masked_fill_(floor, VIOLATION_FLOOR)
+        return means
 
     def state_rows(self, state: str, start: int, stop: int) -> torch.Tensor:
         """Examples ``start:stop`` of one state, ``(rows, num_outputs)`` in float32:
@@ -73,8 +103,7 @@ class ReadoutMixin:
             raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
         if isinstance(store, CompactMultiplierStore):
             return store.mean_violation_rows(self.visits, VIOLATION_FLOOR, start, stop)
-        assert self.violation_sums is not None
-        return self.violation_sums[start:stop] / self.visits[start:stop].clamp(min=1).unsqueeze(1).float()
+        return self._dense_mean_violation_rows(start, stop)
 
     def multipliers_finite(self) -> bool:
         """True when no multiplier (nor its running mean) is NaN or inf."""
@@ -84,7 +113,7 @@ class ReadoutMixin:
     def state_nbytes(self) -> int:
         """Bytes of per-example state held now: the store, violations, labels and the
         previous scores."""
-        scores = 0 if self._previous_scores is None else self._previous_scores.nbytes
+        scores = 0 if self._previous_scores is None else self._previous_scores.numel() * self._previous_scores.element_size()
         return (
             self.multipliers.nbytes()
             + self.last_violation.numel() * self.last_violation.element_size()
@@ -93,9 +122,36 @@ class ReadoutMixin:
             + sum(t.numel() * t.element_size() for t in (self.visits, self.violation_sums) if t is not None)
         )
 
+    def check_recorded_labels(self) -> None:
+        """Binary (single-output) margin form: refuse labels other than 0 and 1 among
+        the labels recorded at the dual steps, whatever their device.
+
+        ``lagrangian()`` refuses such labels at once when they come on the CPU; on
+        another device a check per batch would stall the host once per step, so this
+        one pass over the recorded labels runs at the per-epoch reads instead
+        (:meth:`diagnostics`, :meth:`difficulty`, :meth:`suggested_labels`).
+
+        Raises
+        ------
+        ValueError
+            Naming the first offending example and its label.
+        """
+        self.flush_dual_updates()
+        if self.form != "margin" or self.num_outputs != 1:
+            return
+        labels = self.labels
+        # -1 marks "not visited yet"; a visited example has a finite last violation.
+        bad = (labels != 0) & (labels != 1) & ~torch.isnan(self.last_violation)
+        if bool(bad.any()):
+            example = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"the binary (single-output) margin form needs labels 0 or 1, but example {example} "
+                f"was trained with label {int(labels[example])}"
+            )
+
     def difficulty(self) -> np.ndarray:
         """Per-example difficulty (higher = more suspect), see :func:`..scoring.difficulty_scores`."""
-        self.flush_dual_updates()
+        self.check_recorded_labels()
         if isinstance(self.multipliers, CompactMultiplierStore):
             # max over competing classes: the slots hold every nonzero multiplier.
             return self.multipliers.row_max().detach().cpu().numpy().astype(np.float64)
@@ -103,9 +159,21 @@ class ReadoutMixin:
 
         return difficulty_scores(self.dense_multipliers().detach().cpu().numpy(), form=self.form)
 
+    def _difficulty_tensor(self) -> torch.Tensor:
+        """:meth:`difficulty` as a tensor on the multipliers' device (float64; MPS:
+        float32), for the per-epoch rank stability."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # type: ignore[attr-defined]
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            return self.multipliers.row_max().detach().to(dtype)
+        multipliers = self.multipliers.dense().detach()
+        multipliers = multipliers.reshape(multipliers.shape[0], -1)
+        if self.form == "equality":
+            return torch.linalg.vector_norm(multipliers.to(dtype), dim=1)
+        return multipliers.amax(dim=1).to(dtype)  # the max is exact in any float type
+
     def suggested_labels(self) -> np.ndarray:
         """The class the multipliers push each example toward (margin form)."""
-        self.flush_dual_updates()
+        self.check_recorded_labels()
         if isinstance(self.multipliers, CompactMultiplierStore):
             maxima, classes = self.multipliers.row_argmax()
             return torch.where(maxima > 0, classes, self.labels).cpu().numpy()
@@ -126,12 +194,32 @@ class ReadoutMixin:
             ``fitted_tolerance``; ``multiplier_change``: relative Frobenius change of the
             multipliers since the previous call; ``rank_stability``: Spearman correlation
             of the difficulty scores with those of the previous call;
-            ``norm``: ``R(W)``.
+            ``norm``: ``R(W)``; ``max_multiplier``: the cap ``C`` in force (margin form;
+            NaN without a cap and in the equality form); ``fraction_at_cap``: share of
+            the visited examples whose largest multiplier is within ``1e-6`` (relative)
+            of ``C``, i.e. sits at the soft-margin box (NaN without a cap or before any
+            visit; a share near 1 from the second epoch on means ``C`` is so small
+            that the method is a plain hinge loss).
+
+        Raises
+        ------
+        ValueError
+            Binary form with recorded labels other than 0 and 1
+            (:meth:`check_recorded_labels`).
         """
-        self.flush_dual_updates()
+        self.check_recorded_labels()
         violation = self.last_violation
         visited = ~torch.isnan(violation)
-        max_violation = float(violation[visited].max()) if bool(visited.any()) else float("nan")
+        visited_count = int(visited.sum())
+        max_violation = float(violation[visited].max()) if visited_count else float("nan")
+        cap = self.max_multiplier if self.form == "margin" else None
+        max_multiplier = fraction_at_cap = float("nan")
+        if cap is not None:
+            max_multiplier = float(cap)
+            if visited_count:
+                # One pass over the largest multiplier of each example (capped at C).
+                at_cap = self.multipliers.row_max()[visited] >= cap * (1.0 - 1e-6)
+                fraction_at_cap = float(at_cap.sum()) / visited_count
         fraction_fitted = float((violation <= self.fitted_tolerance).float().mean())
         change_and_norm = self.multipliers.change_since_snapshot()
         if change_and_norm is None:
@@ -139,9 +227,10 @@ class ReadoutMixin:
         else:
             change, previous_norm = change_and_norm
             multiplier_change = change / previous_norm if previous_norm > 0 else float("inf") if change > 0 else 0.0
-        scores = self.difficulty()
+        # On the device: no examples x classes table comes to the host, one scalar does.
+        scores = self._difficulty_tensor()
         rank_stability = (
-            float("nan") if self._previous_scores is None else spearman(scores, self._previous_scores)
+            float("nan") if self._previous_scores is None else spearman_tensors(scores, self._previous_scores)
         )
         self.multipliers.snapshot()
         self._previous_scores = scores
@@ -151,4 +240,6 @@ class ReadoutMixin:
             "multiplier_change": multiplier_change,
             "rank_stability": rank_stability,
             "norm": self.norm_value(),
+            "max_multiplier": max_multiplier,
+            "fraction_at_cap": fraction_at_cap,
         }

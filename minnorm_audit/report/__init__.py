@@ -4,7 +4,7 @@ Modules:
 
 - ``parquet``: the atomic writers, the column descriptions and the reader (:func:`load_run`).
 - ``html``: renders ``report.html`` from a run folder's files alone.
-- ``plots``: the page's matplotlib plots (difficulty histogram, convergence history) as inline SVG.
+- ``plots``: the page's plots (difficulty histogram, convergence history), written directly as inline SVG.
 - ``formatting``: number formats (the page's jinja filters) and the flag order, shared by ``html`` and ``plots``.
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 
 __all__ = ["FLAGS", "format_count", "format_number", "format_percent"]
 
-FLAGS = ("mislabeled", "hard", "ok")
+FLAGS = ("mislabeled", "hard", "outlier", "ok")
 
 
 def format_count(value: Any) -> str:

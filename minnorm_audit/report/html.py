@@ -11,6 +11,7 @@ code or make a request.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import math
@@ -88,7 +89,7 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
 
 def build_report_html(run: RunFiles) -> str:
     """The report page for ``run`` as one self-contained HTML string."""
-    environment = make_environment()
+    environment = _shared_environment()
     script = _asset_text("report.js")
     context = _report_context(run)
     context.update(
@@ -112,6 +113,13 @@ def make_environment() -> Environment:
     )
     environment.filters.update(count=format_count, number=format_number, percent=format_percent)
     return environment
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_environment() -> Environment:
+    """:func:`make_environment`, made once per process: the template is compiled on
+    its first use only (a tenth of a second each time otherwise)."""
+    return make_environment()
 
 
 def content_security_policy(script: str) -> str:
@@ -161,12 +169,16 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
         "num_classes": len(class_names),
         "warnings": _consistency_warnings(summary, num_examples, num_set_aside, counts),
         "demo": _demo(summary.get("demo")),
+        # A network that has not learned the data: the flags are not to be trusted.
+        "inconclusive": _inconclusive(summary.get("inconclusive")),
         "flag_rule": flag_rule,
         "threshold": threshold,
         "num_zero_difficulty": int((difficulty == 0).sum()),
         "difficulty_plot": Markup(_difficulty_plot_svg(difficulty, flags.to_numpy(), threshold)),
         "history_plot": Markup(_history_plot_svg(summary.get("history") or [], summary.get("diagnostics") or {})),
         "diagnostics": _rows(summary.get("diagnostics") or {}),
+        # What the loader decided about the input (summary.json "notes"), shown under Set aside.
+        "input_notes": [str(note) for note in summary.get("notes") or []],
         "timings": _rows(summary.get("timings") or {}),
         "config": _rows(summary.get("config") or {}),
         "provenance": _provenance_rows(run.metadata, skip=set(summary.get("config") or {})),
@@ -178,9 +190,14 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
         context.update(_label_tables(examples, class_names))
 
     gallery = run.gallery
-    context["gallery_total"] = len(gallery)
+    flagged = gallery["flag"].astype(str) if "flag" in gallery else pd.Series([], dtype=str)
+    context["gallery_total"] = int((flagged != "outlier").sum())
     gallery = gallery.head(GALLERY_MAX_ITEMS)
-    items = [_gallery_item(row, regression) for row in gallery.to_dict("records")]
+    all_items = [_gallery_item(row, regression) for row in gallery.to_dict("records")]
+    # Outliers get their own section: they belong to no class, so "given vs suggested"
+    # and the class filter mean nothing for them.
+    items = [item for item in all_items if item["flag"] != "outlier"]
+    context["outlier_gallery"] = [item for item in all_items if item["flag"] == "outlier"]
     context["gallery"] = items
     context["gallery_flags"] = [flag for flag in FLAGS if any(item["flag"] == flag for item in items)]
     context["gallery_classes"] = _gallery_classes(items, class_names)
@@ -202,6 +219,13 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
         else []
     )
     return context
+
+
+def _inconclusive(value: Any) -> dict[str, str] | None:
+    """summary.json's ``inconclusive`` (``{"reason": ...}``) as the page shows it."""
+    if not isinstance(value, Mapping):
+        return None
+    return {"reason": str(value.get("reason") or "the network has not learned the data")}
 
 
 def _demo(demo: Any) -> dict[str, Any] | None:

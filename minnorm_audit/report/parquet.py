@@ -5,7 +5,10 @@ A run folder holds ``examples.parquet``, ``summary.json``, ``set_aside.parquet``
 temporary file in the same folder and moved into place with :func:`os.replace`, so a
 reader sees either the previous file or the new one, never half of one, and a failed
 write leaves the previous file as it was (pyarrow deletes the target of a failed
-write, which is why we never write to the target directly).
+write, which is why we never write to the target directly). The temporary file is
+created private (0600) and given the mode a plain ``open()`` would have given the file
+(``0o666`` less the process umask: 0644 under umask 022) before it is moved into
+place; a caller may ask for another mode (the checkpoint stays 0600).
 
 Parquet files carry a description on every field (field metadata key
 ``b"description"``) and the run's metadata as JSON under the schema metadata key
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +68,7 @@ _SHARED_DESCRIPTIONS: dict[str, str] = {
     "given_label": "The label the dataset gives the example.",
     "suggested_label": (
         "The label to use if acting on the flag: the competing label when flag is "
-        "'mislabeled', otherwise the given label."
+        "'mislabeled', otherwise the given label (an outlier's has no better label)."
     ),
     "competing_label": (
         "The class training pushed the example toward: the competing class it violated "
@@ -77,7 +81,13 @@ _SHARED_DESCRIPTIONS: dict[str, str] = {
         "> 0: on average inside the margin); 'average'/'final': the largest multiplier."
     ),
     "difficulty_percentile": "Rank percentile of difficulty among all examples, in [0, 100].",
-    "flag": "'mislabeled', 'hard' or 'ok' (regression: 'hard' or 'ok'); the rule is in summary.json.",
+    "flag": (
+        "'mislabeled' (the network settled on another class: the suggested label), 'hard' (fitted far "
+        "worse than its class, no single better class), 'outlier' (far from every row of the data and not "
+        "fitted like its class: belongs to no class) or 'ok'; regression: 'hard' or 'ok'. The rule and its "
+        "thresholds are in summary.json (flag_rule); when summary.json's 'inconclusive' is set, the network "
+        "has not learned the data and no flag is to be trusted."
+    ),
     "given_target": "Regression: the target value the dataset gives the example.",
     "predicted_target": "Regression: the network's output for the example at the scored epoch.",
 }
@@ -130,16 +140,19 @@ COLUMN_TYPES: dict[str, pa.DataType] = {
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, mode: int | None = None) -> Path:
     """Call ``write`` on a temp file in the same folder, fsync it, then replace ``path``.
 
-    On any failure the temporary file is removed and an existing ``path`` is left
-    untouched.
+    The file ends with permissions ``mode``, by default those a plain ``open()`` would
+    give it (``0o666`` less the umask). On any failure the temporary file is removed and
+    an existing ``path`` is left untouched.
     """
     target = Path(path)
     temp = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
     try:
         with temp:
+            # mkstemp creates 0600 and os.replace keeps the temp file's mode.
+            _set_mode(temp, 0o666 & ~current_umask() if mode is None else mode)
             write(temp)
             temp.flush()
             os.fsync(temp.fileno())
@@ -149,6 +162,37 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         raise
     _fsync_folder(target.parent)
     return target
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where possible.
+
+    Linux: the ``Umask:`` line of ``/proc/self/status`` (exact and thread-safe).
+    Elsewhere the only way is ``os.umask``, which sets it to read it back; it is set to
+    ``0o077`` for that instant (under a lock), so a file another thread creates
+    meanwhile is at worst more private, never less.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0o077)
+        os.umask(umask)
+    return umask
+
+
+def _set_mode(stream: Any, mode: int) -> None:
+    try:
+        os.fchmod(stream.fileno(), mode)
+    except (AttributeError, NotImplementedError, OSError):  # no fchmod (Windows before Python 3.13)
+        os.chmod(stream.name, mode)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

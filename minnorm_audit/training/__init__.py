@@ -12,7 +12,7 @@ import it. Note that ``minnorm_audit.training.fit`` is the function; the module 
 ``importlib.import_module("minnorm_audit.training.fit")``.
 """
 
-from .checkpoint import atomic_torch_save, load_checkpoint
+from .checkpoint import atomic_torch_save, load_checkpoint, read_run_settings
 from .config import SCORE_STATES, FitResult, TrainConfig, TrainingError, TrainingInterrupted
 from .distributed import DistributedContext, is_main_process, teardown
 from .fit import cap_multipliers, check_finite, fit, resolve_device, train_one_epoch
@@ -38,6 +38,7 @@ __all__ = [
     "load_checkpoint",
     "output_margins",
     "predict",
+    "read_run_settings",
     "resolve_device",
     "teardown",
     "train_one_epoch",

@@ -55,6 +55,10 @@ class TrainConfig:
     multiplier_store: str = "auto"
     multiplier_slots: int | None = None
     multiplier_memory_gb: float = 1.0
+    # The resume checkpoint is rewritten once this many seconds have passed since the
+    # last write (0: after every epoch), after the last epoch, and when training stops
+    # early (Ctrl-C, divergence): then with the state of the last finished epoch.
+    checkpoint_seconds: float = 60.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -14,7 +14,8 @@ with the same multipliers, and only rank 0 writes the checkpoint and shows progr
 fit() is its steps, in order: :func:`start_run` (seed, device, data, model,
 optimizer), resume from the checkpoint or write the epoch-0 one, :func:`train_epochs`
 (each epoch: :func:`run_epoch`, then :func:`end_epoch`: check_finite, cap, running
-average, checkpoint) and :func:`finish` (predictions and multipliers -> FitResult).
+average, the checkpoint when due: :func:`checkpoint_epoch`) and :func:`finish`
+(predictions and multipliers -> FitResult).
 The state they share is one :class:`TrainingRun`.
 """
 
@@ -34,9 +35,9 @@ import torch
 from torch import nn
 
 from ..data.placement import BatchSource, LazyImages, make_batch_source
-from ..minnorm import ConstraintForm, Minnorm
+from ..minnorm import ConstraintForm, Minnorm, eager
 from . import distributed
-from .checkpoint import atomic_torch_save, build_checkpoint, restore_checkpoint
+from .checkpoint import atomic_torch_save, build_checkpoint, host_copy, restore_checkpoint
 from .config import CAP_QUANTILE, SCORE_STATES, FitResult, TrainConfig, TrainingError, TrainingInterrupted
 from .predict import autocast_context, output_margins, predict
 
@@ -66,6 +67,13 @@ class TrainingRun:
     batch_generator: torch.Generator
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
+    # The run's settings as plain values, stored in every checkpoint (see checkpoint.py).
+    settings: dict[str, Any] | None = None
+    # Checkpoints by time (config.checkpoint_seconds): when the last one was written,
+    # and the state of the last finished epoch when it is not on disk yet (an
+    # in-memory copy, written if training stops early).
+    last_checkpoint_time: float = 0.0
+    unsaved_checkpoint: dict[str, Any] | None = None
 
 
 def fit(
@@ -81,6 +89,7 @@ def fit(
     resume: bool = False,
     progress: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    run_settings: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train ``model`` on ``(inputs, targets)`` with Minnorm and return its multipliers.
 
@@ -98,13 +107,20 @@ def fit(
     dataset_fingerprint : str
         Stored in checkpoints; resuming refuses a checkpoint of other data.
     checkpoint_path : Path, optional
-        Written atomically after every epoch.
+        Written atomically before the first epoch, then once ``config.checkpoint_seconds``
+        have passed since the last write (0: after every epoch), after the last epoch,
+        and when training stops early (Ctrl-C, divergence) with the state of the last
+        finished epoch.
     resume : bool
         Continue from ``checkpoint_path``.
     progress : bool
         Show a tqdm bar on stderr.
     on_epoch : callable, optional
         Called with each epoch's diagnostics.
+    run_settings : dict, optional
+        The run's settings as plain values (``AuditOptions.to_record()``), stored in
+        every checkpoint; default ``{"train": config.to_dict()}``. A resume with other
+        training settings than the checkpoint's is refused.
 
     Returns
     -------
@@ -113,11 +129,13 @@ def fit(
     """
     run = start_run(model, inputs, targets, form=form, num_outputs=num_outputs, config=config,
                     dataset_fingerprint=dataset_fingerprint, checkpoint_path=checkpoint_path)
+    run.settings = run_settings
     if resume:
         run.history, run.start_epoch = restore_checkpoint(
             checkpoint_path, run.model, run.optimizer, run.batch_generator,
-            num_examples=run.num_examples, dataset_fingerprint=dataset_fingerprint,
+            num_examples=run.num_examples, dataset_fingerprint=dataset_fingerprint, config=config,
         )
+        run.last_checkpoint_time = time.monotonic()  # the checkpoint just read is on disk
     else:
         # Epoch 0 is a consistent state too: a run stopped in its first epoch
         # (Ctrl-C, kill) resumes from here.
@@ -195,14 +213,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 
 def make_base_optimizer(name: str, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The optimizer that takes Minnorm's weight steps."""
+    """The optimizer that takes Minnorm's weight steps: torch's own, built so that
+    training imports no ``torch._dynamo`` (``minnorm/eager.py``)."""
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr)
+        return eager.Adam(parameters, lr=lr)
     if name == "adamw":
         # Weight decay off: the norm term is Minnorm's own.
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+        return eager.AdamW(parameters, lr=lr, weight_decay=0.0)
     if name == "sgd":
-        return torch.optim.SGD(parameters, lr=lr)
+        return eager.SGD(parameters, lr=lr)
     raise TrainingError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
 
 
@@ -244,11 +263,19 @@ def make_minnorm(
 def save_checkpoint(run: TrainingRun, epochs_done: int) -> None:
     """Write the run's state after ``epochs_done`` epochs (rank 0, when a path is set)."""
     if run.checkpoint_path is not None and run.context.is_main:
-        state = build_checkpoint(
-            run.model, run.optimizer, run.batch_generator, run.history, epoch=epochs_done,
-            num_examples=run.num_examples, dataset_fingerprint=run.dataset_fingerprint,
-        )
-        atomic_torch_save(state, Path(run.checkpoint_path))
+        atomic_torch_save(checkpoint_state(run, epochs_done), Path(run.checkpoint_path))
+        run.unsaved_checkpoint = None
+        run.last_checkpoint_time = time.monotonic()
+
+
+def checkpoint_state(run: TrainingRun, epochs_done: int) -> dict[str, Any]:
+    """What the checkpoint after ``epochs_done`` epochs holds (live tensors, see
+    ``Minnorm.state_dict``)."""
+    return build_checkpoint(
+        run.model, run.optimizer, run.batch_generator, run.history, epoch=epochs_done,
+        num_examples=run.num_examples, dataset_fingerprint=run.dataset_fingerprint,
+        settings=run.settings or {"train": run.config.to_dict()},
+    )
 
 
 def train_epochs(
@@ -260,15 +287,21 @@ def train_epochs(
     run.model.train()
     for epoch in range(run.start_epoch, run.config.epochs):
         run_epoch(run, epoch, bar)
-        diagnostics = end_epoch(run, epoch)
-        if bar is not None:
-            bar.set_postfix(
-                violation=f"{diagnostics['max_violation']:.3g}",
-                fitted=f"{diagnostics['fraction_fitted']:.1%}",
-            )
-            bar.update(1)
-        if on_epoch is not None and run.context.is_main:
-            on_epoch(diagnostics)
+        try:
+            diagnostics = end_epoch(run, epoch)
+            if bar is not None:
+                bar.set_postfix(
+                    violation=f"{diagnostics['max_violation']:.3g}",
+                    fitted=f"{diagnostics['fraction_fitted']:.1%}",
+                )
+                bar.update(1)
+            if on_epoch is not None and run.context.is_main:
+                on_epoch(diagnostics)
+        except KeyboardInterrupt:  # between epochs: as in run_epoch
+            if bar is not None:
+                bar.close()
+            write_unsaved_checkpoint(run)
+            raise TrainingInterrupted(epoch, run.checkpoint_path if run.context.is_main else None) from None
     if bar is not None:
         bar.close()
     return time.perf_counter() - started
@@ -280,10 +313,11 @@ def run_epoch(run: TrainingRun, epoch: int, bar: Any = None) -> None:
         train_one_epoch(run.training_model, run.optimizer, run.source, run.targets, run.config.batch_size,
                         run.batch_generator, run.context)
     except KeyboardInterrupt:
-        # Mid-epoch state is not resumable; the checkpoint of the last finished
-        # epoch is (written after every epoch, atomically).
+        # Mid-epoch state is not resumable; the last finished epoch's is: on disk
+        # already, or kept in memory since the last write and written now.
         if bar is not None:
             bar.close()
+        write_unsaved_checkpoint(run)
         raise TrainingInterrupted(epoch, run.checkpoint_path if run.context.is_main else None) from None
 
 
@@ -292,14 +326,43 @@ def end_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     returns the epoch's diagnostics."""
     diagnostics = run.optimizer.diagnostics()
     # Before anything is saved: a diverged epoch never replaces the last good checkpoint.
-    check_finite(run.optimizer, diagnostics, config=run.config, epoch=epoch + 1, checkpoint_path=run.checkpoint_path)
+    try:
+        check_finite(run.optimizer, diagnostics, config=run.config, epoch=epoch + 1,
+                     checkpoint_path=run.checkpoint_path)
+    except TrainingError:
+        write_unsaved_checkpoint(run)  # the last good epoch, as the message says
+        raise
     cap_multipliers(run.optimizer, run.config.multiplier_cap)
     # Running mean of the multipliers over epochs: the "average" score state.
     run.optimizer.accumulate_average()
     diagnostics = {"epoch": epoch + 1, **diagnostics}
     run.history.append(diagnostics)
-    save_checkpoint(run, epoch + 1)
+    checkpoint_epoch(run, epoch + 1)
     return diagnostics
+
+
+def checkpoint_epoch(run: TrainingRun, epochs_done: int) -> None:
+    """After a finished epoch: write the checkpoint when ``config.checkpoint_seconds``
+    have passed since the last write (or it is 0, or this was the last epoch), else
+    keep an in-memory copy of the state for :func:`write_unsaved_checkpoint`."""
+    if run.checkpoint_path is None or not run.context.is_main:
+        return
+    seconds = run.config.checkpoint_seconds
+    due = (seconds <= 0 or epochs_done >= run.config.epochs
+           or time.monotonic() - run.last_checkpoint_time >= seconds)
+    if due:
+        save_checkpoint(run, epochs_done)
+    else:
+        run.unsaved_checkpoint = host_copy(checkpoint_state(run, epochs_done))
+
+
+def write_unsaved_checkpoint(run: TrainingRun) -> None:
+    """Training stops early: put the last finished epoch's state on disk if the
+    checkpoint there is older."""
+    if run.unsaved_checkpoint is not None and run.checkpoint_path is not None and run.context.is_main:
+        atomic_torch_save(run.unsaved_checkpoint, Path(run.checkpoint_path))
+        run.unsaved_checkpoint = None
+        run.last_checkpoint_time = time.monotonic()
 
 
 def train_one_epoch(

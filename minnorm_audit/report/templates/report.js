@@ -38,7 +38,8 @@
   // Review: keep / drop / relabel per gallery item, downloaded as a CSV built here in
   // the page (a Blob; nothing is sent anywhere) for `minnorm-audit clean --decisions`.
   var bar = document.getElementById("review-bar");
-  var items = Array.prototype.slice.call(document.querySelectorAll("#gallery-items .item"));
+  // Flagged examples and outliers alike can be kept, dropped or relabeled.
+  var items = Array.prototype.slice.call(document.querySelectorAll("#gallery-items .item, #outlier-items .item"));
   if (!bar || items.length === 0) {
     return;
   }
