@@ -623,5 +623,7 @@ def test_train_r2_for_regression(tmp_path: Path) -> None:
                                  device="cpu")
     given, predicted = result.examples["given_target"], result.examples["predicted_target"]
     expected = 1.0 - ((given - predicted) ** 2).sum() / ((given - given.mean()) ** 2).sum()
-    assert result.summary["fit"] == {"train_r2": pytest.approx(expected)}
+    assert result.summary["fit"]["train_r2"] == pytest.approx(expected)
+    assert set(result.summary["fit"]) == {"train_r2", "fraction_fitted"}
+    assert 0.0 <= result.summary["fit"]["fraction_fitted"] <= 1.0
     assert "train_accuracy" not in result.summary["fit"]
