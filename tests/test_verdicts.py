@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import minnorm_audit
+from minnorm_audit.report.formatting import format_number, format_percent
 from minnorm_audit.calibration import (
     calibrated_flags,
     neighbour_distances,
@@ -109,6 +110,10 @@ def test_outliers_in_summary_table_page_and_clean(noise_run, tmp_path):
     assert section.count('<article class="item outlier"') == min(outliers, 20)
     gallery = page[page.index('id="gallery"'):page.index('id="outliers"')]
     assert 'class="item outlier"' not in gallery
+    # "How to read" states the cap this run trained with and the share of examples at it.
+    cap, share = summary["diagnostics"]["max_multiplier"], summary["diagnostics"]["fraction_at_cap"]
+    assert 0 < cap < 1 and 0 < share < 1
+    assert f"C = {format_number(cap)}" in page and f"{format_percent(share)} of the examples" in page
     # clean: drop-outliers drops exactly the outliers, drop-flagged every flagged example.
     cleaned = minnorm_audit.clean(run_dir, tmp_path / "no-outliers.csv", rule="drop-outliers")
     dropped = set(cleaned.trail.loc[cleaned.trail["action"] == "dropped", "source"])

@@ -177,6 +177,7 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
         "difficulty_plot": Markup(_difficulty_plot_svg(difficulty, flags.to_numpy(), threshold)),
         "history_plot": Markup(_history_plot_svg(summary.get("history") or [], summary.get("diagnostics") or {})),
         "diagnostics": _rows(summary.get("diagnostics") or {}),
+        "cap": _cap(summary.get("diagnostics") or {}),
         # What the loader decided about the input (summary.json "notes"), shown under Set aside.
         "input_notes": [str(note) for note in summary.get("notes") or []],
         "timings": _rows(summary.get("timings") or {}),
@@ -359,6 +360,17 @@ def _gallery_classes(items: Iterable[Mapping[str, Any]], class_names: Sequence[s
     order = [name for name in class_names if name in involved]
     order += sorted(set(involved) - set(order))
     return [{"name": name, "count": involved[name]} for name in order]
+
+
+def _cap(diagnostics: Mapping[str, Any]) -> dict[str, float] | None:
+    """The soft-margin cap C at the end of training and the share of examples at it,
+    when the run had a cap (for "how to read"); None otherwise."""
+    cap, share = diagnostics.get("max_multiplier"), diagnostics.get("fraction_at_cap")
+    if not isinstance(cap, (int, float)) or not isinstance(share, (int, float)):
+        return None
+    if not (math.isfinite(cap) and math.isfinite(share)):
+        return None
+    return {"value": float(cap), "share": float(share)}
 
 
 def _rows(mapping: Mapping[str, Any]) -> list[tuple[str, str]]:
