@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["FLAGS", "format_count", "format_number", "format_percent"]
+# The flag vocabulary is scoring's (pure numpy, nothing upstream of the report).
+from ..scoring import FLAGS
 
-FLAGS = ("mislabeled", "hard", "outlier", "ok")
+__all__ = ["FLAGS", "format_count", "format_number", "format_percent"]
 
 
 def format_count(value: Any) -> str:
