@@ -99,7 +99,8 @@ def score_classification(
             competing_distance = neighbour_distances(features, labels, scores.competing, seed=settings.train.seed)
     flags, rule = classification_flags(scores, settings, labels=labels, class_count=len(loaded.class_names),
                                        still_violated=still_violated, distance=distance,
-                                       competing_distance=competing_distance, class_names=loaded.class_names)
+                                       competing_distance=competing_distance, class_names=loaded.class_names,
+                                       fitted=margins > 0)
     rule["inconclusive"] = audit_verdict(result, labels, margins, len(loaded.class_names))
     suggested = np.where(flags == "mislabeled", scores.competing, labels)
     names = np.asarray(loaded.class_names, dtype=object)
@@ -251,6 +252,7 @@ def classification_flags(
     distance: np.ndarray | None = None,
     competing_distance: np.ndarray | None = None,
     class_names: list[str] | None = None,
+    fitted: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """mislabeled / hard / outlier / ok for every example, and the rule that decided.
 
@@ -267,7 +269,8 @@ def classification_flags(
         violated = still_violated if still_violated is not None else np.ones(len(labels), dtype=bool)
         flags, rule = calibrated_flags(scores.difficulty - settings.train.margin, scores.competitor_margin, violated,
                                        labels, class_count, distance=distance,
-                                       competing_distance=competing_distance, competing=scores.competing)
+                                       competing_distance=competing_distance, competing=scores.competing,
+                                       fitted=fitted)
         return flags, describe_calibrated_rule(rule, settings.train.margin, distance is not None, class_names)
     if settings.train.score_state != "violation":
         return flag_examples(
@@ -313,14 +316,16 @@ def describe_calibrated_rule(
     per class (up to RULE_MAX_CLASSES) the median and spread of the difficulty among
     its own examples with the difficulty at which hard starts."""
     medians, scales = rule.pop("class_medians"), rule.pop("class_scales")
+    null_medians, null_scales = rule.pop("mislabeled_medians"), rule.pop("mislabeled_scales")
     distance_medians, distance_scales = rule.pop("distance_medians", None), rule.pop("distance_scales", None)
     text = (
         "per given class, the median and robust spread (1.4826 x MAD) of difficulty among the class's own "
         "examples; z = (difficulty - class median) / class spread. "
         f"hard: z >= {rule['hard_z']:g}. "
         f"mislabeled (overrides hard): the competing class beat the given label and every other class on "
-        f"average over training (competitor margin > 0, by at least {rule['mislabeled_z']:g} class spreads "
-        "above the class median) and at the end of training the given label still has not beaten it by the "
+        f"average over training (competitor margin > 0, by at least {rule['mislabeled_z']:g} spreads above the "
+        "median difficulty - margin of the class's fitted examples, those the network predicts as their given "
+        "label at the end, so that the flipped labels stay out of the class's null) and at the end of training the given label still has not beaten it by the "
         "margin (the constraint toward it is still violated). "
     )
     if with_distance:
@@ -344,6 +349,7 @@ def describe_calibrated_rule(
         described["class_thresholds"] = [
             {"class": name, "median_difficulty": float(medians[c] + margin), "spread": float(scales[c]),
              "hard_from_difficulty": float(medians[c] + margin + rule["hard_z"] * scales[c]),
+             "fitted_median_difficulty": float(null_medians[c] + margin), "fitted_spread": float(null_scales[c]),
              **({} if distance_medians is None else {
                  "median_distance": float(distance_medians[c]), "distance_spread": float(distance_scales[c]),
                  "outlier_from_distance": float(distance_medians[c] + rule["outlier_distance_z"] * distance_scales[c]),

@@ -197,3 +197,24 @@ def test_neighbour_distances_single_out_rows_unlike_the_data():
     # The reference sample bounds memory; a row never counts itself.
     assert neighbour_distances(data[:2]).shape == (2,)
     assert np.isfinite(neighbour_distances(data, reference_rows=50)).all()
+
+
+def test_mislabeled_null_comes_from_the_fitted_examples():
+    """30% of a class flipped: measured against every example of the class, the flips
+    inflate its spread and hide themselves; against the examples the network fits,
+    every flip stands out and no correct label is called mislabeled."""
+    rng = np.random.default_rng(1)
+    labels = np.zeros(1000, dtype=np.int64)
+    flipped = np.arange(1000) < 300
+    preference = np.where(flipped, rng.normal(0.9, 0.2, 1000), rng.normal(-1.0, 0.3, 1000))
+    competitor = preference.copy()
+    fitted = ~flipped  # the network predicts the given label for the correct ones only
+    violated = flipped.copy()
+    flags, rule = calibrated_flags(preference, competitor, violated, labels, 1, fitted=fitted)
+    assert (flags[flipped] == "mislabeled").all()
+    assert (flags[~flipped] != "mislabeled").all()
+    assert abs(rule["mislabeled_scales"][0] - 0.3) < 0.05 and abs(rule["mislabeled_medians"][0] + 1.0) < 0.05
+    # Without the fitted examples the null is every example: most flips are missed.
+    flags_all, rule_all = calibrated_flags(preference, competitor, violated, labels, 1)
+    assert (flags_all[flipped] == "mislabeled").mean() < 0.5
+    assert rule_all["class_scales"][0] > 1.5 * rule["mislabeled_scales"][0]
