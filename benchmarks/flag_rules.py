@@ -13,9 +13,16 @@ from 5-fold out-of-fold probabilities of the same network (label_noise.py's row)
     python benchmarks/flag_rules.py --cache .flag-cache [--seeds 0] [--epochs 20]
 
 Nulls: ``all`` (every example of the class: the rule before this benchmark);
-``trimmed`` (median and spread re-estimated without the examples above the flag
-threshold until nothing changes, with the spread corrected for the trimmed tail);
-``fitted`` (the examples whose given label the network predicts at the end).
+``trimmed`` / ``trimmed-raw`` (median and spread re-estimated without the examples at
+or above the flag threshold until nothing changes, with / without a correction for the
+trimmed tail); ``trimT`` (the same, trimmed at T whatever the flag threshold);
+``fitted`` (the examples whose given label the network predicts at the end);
+``fitted-trimmed`` (the fitted ones, trimmed: the product's rule,
+``calibration.fitted_null``). A suffix ``:either`` / ``:violated`` / ``:none`` replaces
+the two gates (preferred on average AND still violated at the end) with either, the
+second alone, or nothing. Datasets: the tuning tables, ``digits-cnn`` (the bundled
+digits as 8x8 images with the default CNN: the demo's setting) and the tuning parts of
+benchmarks/highdim.py's 784-feature proxies (``digits28``, ``manifold784``).
 The held-out part is never run here.
 """
 

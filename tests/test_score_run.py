@@ -52,9 +52,11 @@ def test_violation_state_flags_contradicted_labels_mislabeled_and_ambiguous_ones
     assert (examples["competing_label"].to_numpy()[ambiguous] == names[other]).all()
     np.testing.assert_allclose(examples["difficulty"].to_numpy()[flipped], 2.0, rtol=1e-6)
     # The calibrated rule (scoring.calibrated_flags): thresholds per class, written down.
-    assert rule["mislabeled_z"] == 2.5 and rule["hard_z"] == 2.5 and rule["difficulty_threshold"] is None
+    assert rule["mislabeled_z"] == 3.0 and rule["hard_z"] == 2.5 and rule["difficulty_threshold"] is None
     assert [row["class"] for row in rule["class_thresholds"]] == ["a", "b", "c"]
     assert all(row["hard_from_difficulty"] < 0.7 for row in rule["class_thresholds"])
+    # No example is fitted (outputs of zeros): the mislabeled null falls back to every example.
+    assert all(row["fitted_spread"] == row["spread"] for row in rule["class_thresholds"])
     # Final outputs of zeros: the network predicts no label at all, so the audit is inconclusive.
     assert "has not learned" in rule["inconclusive"]["reason"]
 
