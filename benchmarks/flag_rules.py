@@ -22,7 +22,8 @@ trimmed tail); ``trimT`` (the same, trimmed at T whatever the flag threshold);
 the two gates (preferred on average AND still violated at the end) with either, the
 second alone, or nothing. Datasets: the tuning tables, ``digits-cnn`` (the bundled
 digits as 8x8 images with the default CNN: the demo's setting) and the tuning parts of
-benchmarks/highdim.py's 784-feature proxies (``digits28``, ``manifold784``).
+benchmarks/highdim.py's 784-feature proxies (``digits28``, ``manifold784``);
+``NAME@N``: a random N-row subset of a tuning dataset (small data).
 The held-out part is never run here.
 """
 
@@ -140,7 +141,7 @@ def prf(flagged, flipped):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the product's budget for the network")
     parser.add_argument("--nulls", nargs="+", default=["all", "trimmed", "trimmed-raw", "fitted"])
     parser.add_argument("--z", type=float, nargs="+", default=[calibration.MISLABELED_Z])
     parser.add_argument("--cache", type=Path, default=None)
@@ -167,6 +168,11 @@ def main() -> None:
             elif name == "digits-cnn":  # the demo's setting: the digits as 8x8 images, the default CNN
                 data = lab.load("digits", seed)
                 data = lab.Dataset(name, (data.features / 16.0).reshape(-1, 1, 8, 8), data.labels, data.num_classes)
+            elif "@" in name:  # a random subset of a tuning dataset: small data
+                base, rows = name.split("@")
+                data = lab.load(base, seed)
+                keep = np.sort(np.random.default_rng([seed, 5]).permutation(len(data.labels))[:int(rows)])
+                data = lab.Dataset(name, data.features[keep], data.labels[keep], data.num_classes)
             else:
                 data = lab.load(name, seed)
             for kind, rate in CELLS:

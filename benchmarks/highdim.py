@@ -120,7 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["tuning", "heldout"], default="tuning")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the product's budget for the network")
     parser.add_argument("--proxies", nargs="+", default=["digits28", "manifold784"])
     parser.add_argument("--cache", type=Path, default=None)
     args = parser.parse_args()

@@ -65,7 +65,7 @@ import minnorm_audit  # noqa: E402
 from minnorm_audit.audit import AuditOptions, train, training_targets  # noqa: E402
 from minnorm_audit.data import load_arrays  # noqa: E402
 from minnorm_audit.score_run import score_classification  # noqa: E402
-from minnorm_audit.training import FitResult, TrainConfig  # noqa: E402
+from minnorm_audit.training import DEFAULT_EPOCHS, FitResult, TrainConfig  # noqa: E402
 
 CLEANLAB_EPOCHS = 5  # cleanlab's best budget on the tuning part (label_noise.BASELINE_EPOCHS)
 NOISE_RATE = 0.1
@@ -375,7 +375,7 @@ def undertrained_rows(seed: int, cache: Path | None) -> list[dict[str, Any]]:
     table = replace(small, features=images[:rows].reshape(rows, -1).astype(np.float32))
     out = []
     for what, data, epochs in ((f"first {rows} digit images, CNN", small, UNDERTRAINED["epochs"]),
-                               (f"first {rows} digit images, CNN", small, TrainConfig().epochs),
+                               (f"first {rows} digit images, CNN", small, DEFAULT_EPOCHS),
                                (f"first {rows} digits as a 64-feature table, MLP", table, UNDERTRAINED["epochs"])):
         config = TrainConfig(seed=seed, device="cpu", epochs=epochs)
         ours = minnorm_verdicts(data, seed, config, cache, f"digits-{data.features.ndim}d-{rows}-{epochs}")
@@ -415,7 +415,8 @@ def main() -> None:
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; 1 torch thread")
     print(f"versions: minnorm-audit {minnorm_audit.__version__}, torch {torch.__version__}, numpy {np.__version__}, "
           f"cleanlab {cleanlab.__version__}, scikit-learn {sklearn.__version__}, python {platform.python_version()}")
-    print(f"training: product defaults ({config.epochs} epochs, dual_lr {config.dual_lr}, cap {config.multiplier_cap}); "
+    budget = "the network's default budget of" if config.epochs is None else config.epochs
+    print(f"training: product defaults ({budget} epochs, dual_lr {config.dual_lr}, cap {config.multiplier_cap}); "
           f"cleanlab: Datalab on {CLEANLAB_EPOCHS}-epoch 5-fold out-of-fold probabilities; seeds {args.seeds}\n")
 
     parts = {"tuning": lab.TUNING_DATASETS, "heldout": lab.HELDOUT_DATASETS}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,15 @@ from .data import DataNotice, LazyImages, LoadedDataset, load_arrays, load_datas
 from .minnorm import ConstraintForm
 from .options import AuditOptions
 from .score_run import score_classification, score_regression
-from .training import FitResult, TrainConfig, build_model, build_streamed_model, fit, is_main_process
+from .training import (
+    FitResult,
+    TrainConfig,
+    build_model,
+    build_streamed_model,
+    default_epochs,
+    fit,
+    is_main_process,
+)
 from .write_run import describe_run, write_run_folder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -209,6 +217,7 @@ def run_audit(
     Under torchrun every rank trains and scores (the results agree); rank 0 alone
     writes the run folder.
     """
+    settings = with_epoch_budget(settings, loaded)
     check_run_dir(run_dir, loaded, settings)
     started = time.perf_counter()
     targets = training_targets(loaded)
@@ -259,6 +268,20 @@ def training_targets(loaded: LoadedDataset) -> TrainingTargets:
     return TrainingTargets(loaded.targets, num_outputs, "margin")
 
 
+def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOptions:
+    """``settings`` with ``train.epochs`` set: as given, or when None the default budget
+    of the network the audit builds (:func:`~minnorm_audit.training.default_epochs`:
+    10 epochs for the MLP when that is at least 150 optimizer steps, else 20)."""
+    if settings.train.epochs is not None:
+        return settings
+    is_image = isinstance(loaded.inputs, LazyImages) or loaded.inputs.ndim == 4
+    network = ("cnn" if is_image else "mlp") if settings.model == "auto" else settings.model
+    # Under torchrun every rank takes batch_size examples a step.
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    epochs = default_epochs(network, len(loaded.targets), settings.train.batch_size * world)
+    return replace(settings, train=replace(settings.train, epochs=epochs))
+
+
 def train(
     loaded: LoadedDataset,
     settings: AuditOptions,
@@ -268,7 +291,9 @@ def train(
     resume: bool,
     progress: bool,
 ) -> FitResult:
-    """Build the network (seeded) and fit it with Minnorm, checkpointing into ``run_dir``."""
+    """Build the network (seeded) and fit it with Minnorm, checkpointing into ``run_dir``
+    (``epochs=None``: the network's default budget, :func:`with_epoch_budget`)."""
+    settings = with_epoch_budget(settings, loaded)
     torch.manual_seed(settings.train.seed)
     if isinstance(loaded.inputs, LazyImages):
         model = build_streamed_model(settings.model, loaded.inputs, targets.num_outputs, workers=settings.train.workers)

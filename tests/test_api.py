@@ -192,3 +192,31 @@ def test_every_public_name_is_exported_and_documented():
         assert "Parameters\n----------" in doc and "Returns\n-------" in doc, function.__name__
         hints = inspect.get_annotations(function)
         assert "return" in hints, function.__name__
+
+
+def test_default_epoch_budget_follows_the_network_and_its_steps():
+    from minnorm_audit.training import default_epochs
+
+    # The MLP gets 10 epochs once they are at least 150 optimizer steps (15 an epoch).
+    assert default_epochs("mlp", 1793, 128) == 10
+    assert default_epochs("mlp", 1792, 128) == 20
+    assert default_epochs("mlp", 1792, 64) == 10
+    assert default_epochs("cnn", 50_000, 128) == 20
+    assert default_epochs("resnet18", 50_000, 128) == 20
+
+
+def test_an_audit_trains_and_records_the_budget_of_its_network(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def blobs(count):
+        labels = rng.integers(0, 2, size=count)
+        return rng.normal(size=(count, 4)).astype(np.float32) + 3.0 * labels[:, None], labels
+
+    ran = {}
+    for name, (features, labels), options in (("large", blobs(2000), {}), ("small", blobs(300), {}),
+                                             ("given", blobs(300), {"epochs": 3})):
+        result = minnorm_audit.audit((features, labels), out=tmp_path / name, device="cpu", **options)
+        assert result.summary["config"]["epochs"] == result.summary["diagnostics"]["epochs"]
+        assert len(result.summary["history"]) == result.summary["diagnostics"]["epochs"]
+        ran[name] = result.summary["diagnostics"]["epochs"]
+    assert ran == {"large": 10, "small": 20, "given": 3}

@@ -13,13 +13,23 @@ import it. Note that ``minnorm_audit.training.fit`` is the function; the module 
 """
 
 from .checkpoint import atomic_torch_save, load_checkpoint, read_run_settings
-from .config import SCORE_STATES, FitResult, TrainConfig, TrainingError, TrainingInterrupted
+from .config import (
+    DEFAULT_EPOCHS,
+    SCORE_STATES,
+    FitResult,
+    TrainConfig,
+    TrainingError,
+    TrainingInterrupted,
+    default_epochs,
+)
 from .distributed import DistributedContext, is_main_process, teardown
 from .fit import cap_multipliers, check_finite, fit, resolve_device, train_one_epoch
 from .models import Standardize, build_model, build_streamed_model
 from .predict import autocast_context, output_margins, predict
 
 __all__ = [
+    "DEFAULT_EPOCHS",
+    "default_epochs",
     "SCORE_STATES",
     "DistributedContext",
     "FitResult",

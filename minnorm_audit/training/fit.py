@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,15 @@ from ..data.placement import BatchSource, LazyImages, make_batch_source
 from ..minnorm import ConstraintForm, Minnorm, eager
 from . import distributed
 from .checkpoint import atomic_torch_save, build_checkpoint, host_copy, restore_checkpoint
-from .config import CAP_QUANTILE, SCORE_STATES, FitResult, TrainConfig, TrainingError, TrainingInterrupted
+from .config import (
+    CAP_QUANTILE,
+    DEFAULT_EPOCHS,
+    SCORE_STATES,
+    FitResult,
+    TrainConfig,
+    TrainingError,
+    TrainingInterrupted,
+)
 from .predict import autocast_context, output_margins, predict
 
 # FitResult holds full examples x outputs arrays up to this many elements (256 MB each
@@ -104,6 +112,7 @@ def fit(
     form : {"margin", "equality"}
     num_outputs : int
     config : TrainConfig
+        ``epochs=None`` trains ``DEFAULT_EPOCHS`` (an audit sets the network's budget first).
     dataset_fingerprint : str
         Stored in checkpoints; resuming refuses a checkpoint of other data.
     checkpoint_path : Path, optional
@@ -127,6 +136,8 @@ def fit(
     FitResult
         The same on every rank of a torchrun launch.
     """
+    if config.epochs is None:
+        config = replace(config, epochs=DEFAULT_EPOCHS)
     run = start_run(model, inputs, targets, form=form, num_outputs=num_outputs, config=config,
                     dataset_fingerprint=dataset_fingerprint, checkpoint_path=checkpoint_path)
     run.settings = run_settings
