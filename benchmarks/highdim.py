@@ -19,7 +19,7 @@ Proxies (each with a tuning and a held-out part that share no source row or seed
   fixed random two-layer tanh network, plus noise: high ambient, low intrinsic
   dimension.
 
-    python benchmarks/highdim.py --part tuning [--cache .highdim-cache] [--epochs 20]
+    python benchmarks/highdim.py --part tuning [--cache .highdim-cache] [--epochs 20] [--set dual_lr=0.02]
 """
 
 from __future__ import annotations
@@ -116,6 +116,11 @@ def evaluate(data: lab.Dataset, kind: str, rate: float, seed: int, config: Train
     return row
 
 
+def type_of(field: str):
+    default = TrainConfig.__dataclass_fields__[field].default
+    return float if default is None or isinstance(default, float) else type(default)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=["tuning", "heldout"], default="tuning")
@@ -123,7 +128,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: the product's budget for the network")
     parser.add_argument("--proxies", nargs="+", default=["digits28", "manifold784"])
     parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="other TrainConfig fields, e.g. dual_lr=0.02 multiplier_cap=0.5 (levers)")
     args = parser.parse_args()
+    overrides = {key: None if value == "None" else type_of(key)(value)
+                 for key, value in (item.split("=", 1) for item in args.set)}
     torch.set_num_threads(1)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
@@ -138,7 +147,7 @@ def main() -> None:
             rows = []
             for seed in args.seeds:
                 data = digits28(args.part, seed) if proxy == "digits28" else manifold784(args.part, seed)
-                config = TrainConfig(epochs=args.epochs, device="cpu", seed=seed)
+                config = TrainConfig(epochs=args.epochs, device="cpu", seed=seed, **overrides)
                 rows.append(evaluate(data, kind, rate, seed, config, args.cache))
             mean = {c: np.mean([r[c] for r in rows]) for c in columns}
             print(f"| {data.name} | {kind} {rate:g} | {len(data.labels)} | "

@@ -271,14 +271,16 @@ def training_targets(loaded: LoadedDataset) -> TrainingTargets:
 def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOptions:
     """``settings`` with ``train.epochs`` set: as given, or when None the default budget
     of the network the audit builds (:func:`~minnorm_audit.training.default_epochs`:
-    10 epochs for the MLP when that is at least 150 optimizer steps, else 20)."""
+    10 epochs for the MLP on a classification task when that is at least 150 optimizer
+    steps, else 20)."""
     if settings.train.epochs is not None:
         return settings
     is_image = isinstance(loaded.inputs, LazyImages) or loaded.inputs.ndim == 4
     network = ("cnn" if is_image else "mlp") if settings.model == "auto" else settings.model
     # Under torchrun every rank takes batch_size examples a step.
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    epochs = default_epochs(network, len(loaded.targets), settings.train.batch_size * world)
+    epochs = default_epochs(network, len(loaded.targets), settings.train.batch_size * world,
+                            classification=loaded.task == "classification")
     return replace(settings, train=replace(settings.train, epochs=epochs))
 
 

@@ -27,7 +27,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
     defaults = TrainConfig()
     options = [
         click.option("--model", default="auto", help="auto (MLP for tables, plain CNN for images), mlp, cnn, or a torchvision model name."),
-        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (the stopping rule: a fixed dual-time budget) [default: 10 for the MLP when that is at least 150 optimizer steps, else 20]."),
+        click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (the stopping rule: a fixed dual-time budget) [default: 10 for the MLP on a classification task when that is at least 150 optimizer steps, else 20]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=defaults.batch_size),
         click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=defaults.optimizer, help="Base optimizer Minnorm wraps."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults.lr, help="Weight learning rate."),
