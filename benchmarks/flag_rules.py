@@ -148,11 +148,14 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(lab.TUNING_DATASETS) + ["digits-cnn"],
                         help="tuning datasets, and digits-cnn: the digits as images with the CNN (the demo)")
     parser.add_argument("--no-cleanlab", action="store_true")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="other TrainConfig fields")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(epochs=args.epochs, device="cpu")
+    import highdim
+
+    config = TrainConfig(epochs=args.epochs, device="cpu", **highdim.parse_overrides(args.set))
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; torch {torch.__version__}, "
           f"minnorm-audit {minnorm_audit.__version__}; tuning part: {', '.join(lab.TUNING_DATASETS)}\n")

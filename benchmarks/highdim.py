@@ -116,9 +116,18 @@ def evaluate(data: lab.Dataset, kind: str, rate: float, seed: int, config: Train
     return row
 
 
-def type_of(field: str):
-    default = TrainConfig.__dataclass_fields__[field].default
-    return float if default is None or isinstance(default, float) else type(default)
+def parse_overrides(items: list[str]) -> dict:
+    """``FIELD=VALUE`` strings -> TrainConfig keyword arguments of the field's type."""
+    def typed(field: str, value: str):
+        annotation = str(TrainConfig.__dataclass_fields__[field].type)  # e.g. "float | None"
+        if value == "None":
+            return None
+        for name, kind in (("bool", lambda v: v.lower() in ("1", "true")), ("int", int), ("float", float)):
+            if annotation.startswith(name):
+                return kind(value)
+        return value
+
+    return {key: typed(key, value) for key, value in (item.split("=", 1) for item in items)}
 
 
 def main() -> None:
@@ -131,8 +140,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="other TrainConfig fields, e.g. dual_lr=0.02 multiplier_cap=0.5 (levers)")
     args = parser.parse_args()
-    overrides = {key: None if value == "None" else type_of(key)(value)
-                 for key, value in (item.split("=", 1) for item in args.set)}
+    overrides = parse_overrides(args.set)
     torch.set_num_threads(1)
     if args.cache:
         args.cache.mkdir(parents=True, exist_ok=True)
