@@ -176,24 +176,45 @@ def neighbour_distances(
         return block / np.where(norms > 0, norms, 1.0)
 
     reference_unit = unit_rows(sample)
-    reference_labels = None if labels is None else labels[reference]
-    block_rows = max(1, block_elements // len(reference))
+    k = max(1, min(neighbours, len(reference) - 1))
     distances = np.empty(count)
-    for start in range(0, count, block_rows):
-        stop = min(count, start + block_rows)
-        cosine = unit_rows(features[start:stop]) @ reference_unit.T
+    if labels is None:
+        nearest_mean_distances(features, np.arange(count), reference, reference_unit, unit_rows, k,
+                               block_elements, distances)
+        return distances
+    # Each row against the reference rows of its class only: the same neighbours as
+    # masking all the others, at 1/K of the work.
+    reference_labels = labels[reference]
+    for label in np.unique(classes):
+        columns = np.flatnonzero(reference_labels == label)
+        rows = np.flatnonzero(classes == label)
+        if columns.size == 0:
+            distances[rows] = np.nan
+            continue
+        nearest_mean_distances(features, rows, reference[columns], reference_unit[columns], unit_rows, k,
+                               block_elements, distances)
+    return distances
+
+
+def nearest_mean_distances(
+    features: np.ndarray, rows: np.ndarray, reference: np.ndarray, reference_unit: np.ndarray,
+    unit_rows: Any, k: int, block_elements: int, out: np.ndarray,
+) -> None:
+    """``out[rows]`` = each row's mean chord distance to its ``k`` nearest rows among
+    ``reference`` (indices into ``features``; ``reference_unit`` their unit vectors), a
+    row never its own neighbour; NaN for a row with no other reference row."""
+    block_rows = max(1, block_elements // len(reference))
+    for start in range(0, len(rows), block_rows):
+        block = rows[start:start + block_rows]
+        cosine = unit_rows(features[block]) @ reference_unit.T
         chord = np.sqrt(np.clip(2.0 - 2.0 * cosine, 0.0, None))
         # A reference row is not its own neighbour.
-        inside = np.flatnonzero((reference >= start) & (reference < stop))
-        chord[reference[inside] - start, inside] = np.inf
-        if reference_labels is not None:
-            chord[reference_labels[None, :] != classes[start:stop, None]] = np.inf
-        k = max(1, min(neighbours, len(reference) - 1))
-        nearest = np.partition(chord, k - 1, axis=1)[:, :k]
+        chord[block[:, None] == reference[None, :]] = np.inf
+        keep = min(k, len(reference))
+        nearest = np.partition(chord, keep - 1, axis=1)[:, :keep]
         finite = np.isfinite(nearest)
-        with np.errstate(invalid="ignore"):
-            distances[start:stop] = np.where(finite, nearest, 0.0).sum(1) / finite.sum(1)
-    return distances
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[block] = np.where(finite, nearest, 0.0).sum(1) / finite.sum(1)
 
 
 def distance_scores(

@@ -218,3 +218,21 @@ def test_mislabeled_null_comes_from_the_fitted_examples():
     flags_all, rule_all = calibrated_flags(preference, competitor, violated, labels, 1)
     assert (flags_all[flipped] == "mislabeled").mean() < 0.5
     assert rule_all["class_scales"][0] > 1.5 * rule["mislabeled_scales"][0]
+
+
+def test_neighbour_distances_against_a_brute_force_count():
+    """Per-class neighbours equal the brute force: standardize with the reference
+    sample's statistics, cosine geometry, the k nearest reference rows of the class a
+    row is measured against, never itself."""
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(120, 5)) + np.repeat(rng.normal(size=(3, 5)) * 3, 40, axis=0)
+    labels = np.repeat([0, 1, 2], 40)
+    against = (labels + 1) % 3
+    got = neighbour_distances(features, labels, against, neighbours=4, reference_rows=10_000, block_elements=64)
+    # Every row is in the reference sample here (the quota exceeds each class).
+    unit = (features - features.mean(0)) / features.std(0)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    chord = np.sqrt(np.clip(2 - 2 * unit @ unit.T, 0, None))
+    np.fill_diagonal(chord, np.inf)
+    expected = [np.sort(chord[i, labels == against[i]])[:4].mean() for i in range(120)]
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
