@@ -103,3 +103,34 @@ def test_auto_device_is_cpu_without_gpu_and_cuda_request_fails_clearly():
     assert resolve_device("auto").type in ("cpu", "mps")
     with pytest.raises(TrainingError, match="no CUDA GPU"):
         resolve_device("cuda")
+
+
+def test_channels_last_training_matches_the_default_layout(monkeypatch):
+    """The CPU twin of the NHWC lever: a CNN trained channels-last (weights and batches)
+    ends where the NCHW run ends, up to rounding."""
+    import importlib
+
+    setup = importlib.import_module("minnorm_audit.training.setup")
+    fit_module = importlib.import_module("minnorm_audit.training.fit")
+    images, _, noisy, _ = flipped_digits(0.1, seed=1)
+    images = (images[:400] / 16.0).reshape(-1, 1, 8, 8)
+    labels = torch.tensor(noisy[:400])
+    config = TrainConfig(epochs=2, device="cpu")
+    assert setup.uses_channels_last(build_model("cnn", images, 10), images)
+    assert not setup.uses_channels_last(build_model("mlp", images, 10), images)
+
+    def trained(layout_on: bool):
+        monkeypatch.setattr(fit_module, "uses_channels_last", lambda model, inputs: layout_on)
+        torch.manual_seed(0)
+        model = build_model("cnn", images, 10)
+        result = fit(model, images, labels, form="margin", num_outputs=10, config=config)
+        # The second convolution: with one input channel both layouts are the same memory.
+        conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]
+        return result, conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+    nhwc, nhwc_weights = trained(True)
+    nchw, nchw_weights = trained(False)
+    assert nhwc_weights and not nchw_weights
+    np.testing.assert_allclose(nhwc.final_outputs, nchw.final_outputs, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(nhwc.scored_multipliers("violation"), nchw.scored_multipliers("violation"),
+                               rtol=1e-3, atol=1e-4)

@@ -1,6 +1,7 @@
 """Minnorm training of a network on a loaded dataset: the "train" step of the data path.
 
 - ``fit.py``: :func:`fit` as its named steps (start_run, train_epochs, end_epoch, finish).
+- ``setup.py``: device, seeds, channels-last layout, the (fused) optimizers and Minnorm.
 - ``config.py``: :class:`TrainConfig`, :class:`FitResult`, the score states, the errors.
 - ``checkpoint.py``: the resume checkpoint (atomic write, weights-only load, restore).
 - ``predict.py``: outputs and margins of the trained network; bf16 autocast.
@@ -23,13 +24,13 @@ from .config import (
     default_epochs,
 )
 from .distributed import DistributedContext, is_main_process, teardown
-from .fit import cap_multipliers, check_finite, fit, resolve_device, train_one_epoch
+from .fit import cap_multipliers, check_finite, fit, train_one_epoch
 from .models import Standardize, build_model, build_streamed_model
 from .predict import autocast_context, output_margins, predict
+from .setup import resolve_device
 
 __all__ = [
     "DEFAULT_EPOCHS",
-    "default_epochs",
     "SCORE_STATES",
     "DistributedContext",
     "FitResult",
@@ -43,6 +44,7 @@ __all__ = [
     "build_streamed_model",
     "cap_multipliers",
     "check_finite",
+    "default_epochs",
     "fit",
     "is_main_process",
     "load_checkpoint",

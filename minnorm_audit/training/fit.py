@@ -22,7 +22,6 @@ The state they share is one :class:`TrainingRun`.
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -35,9 +34,14 @@ import torch
 from torch import nn
 
 from ..data.placement import BatchSource, LazyImages, make_batch_source
-from ..minnorm import ConstraintForm, Minnorm, eager
+from ..minnorm import ConstraintForm, Minnorm
 from . import distributed
-from .checkpoint import atomic_torch_save, build_checkpoint, host_copy, restore_checkpoint
+from .checkpoint import (
+    atomic_torch_save,
+    build_checkpoint,
+    host_copy,
+    restore_checkpoint,
+)
 from .config import (
     CAP_QUANTILE,
     DEFAULT_EPOCHS,
@@ -48,6 +52,7 @@ from .config import (
     TrainingInterrupted,
 )
 from .predict import autocast_context, output_margins, predict
+from .setup import make_minnorm, resolve_device, seed_everything, uses_channels_last
 
 # FitResult holds full examples x outputs arrays up to this many elements (256 MB each
 # in float32). Beyond it (an ImageNet-size audit: 1.28M x 1000 would be 5 GB per array)
@@ -82,6 +87,8 @@ class TrainingRun:
     # in-memory copy, written if training stops early).
     last_checkpoint_time: float = 0.0
     unsaved_checkpoint: dict[str, Any] | None = None
+    # Convolutions run on channels-last (NHWC) weights and batches: see uses_channels_last.
+    channels_last: bool = False
 
 
 def fit(
@@ -174,6 +181,9 @@ def start_run(
         torch.backends.cudnn.benchmark = True  # few batch shapes: tuned once each
     num_examples = int(inputs.shape[0])
     model = model.to(device)
+    channels_last = uses_channels_last(model, inputs)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     # The whole dataset on the device when it fits (the common case for audits of up
     # to a few hundred thousand small images or embeddings), else a DataLoader.
     source = make_batch_source(inputs, device, workers=config.workers, max_memory_gb=config.max_memory_gb)
@@ -190,96 +200,8 @@ def start_run(
         dataset_fingerprint=dataset_fingerprint,
         checkpoint_path=checkpoint_path, context=context, device=device, model=model,
         training_model=training_model, source=source, targets=targets, optimizer=optimizer,
-        batch_generator=batch_generator,
+        batch_generator=batch_generator, channels_last=channels_last,
     )
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is available")
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    ):
-        raise TrainingError("--device mps was asked for but MPS is not available")
-    if name not in ("cpu", "cuda", "mps"):
-        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
-    return torch.device(name)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seed torch and numpy; ``deterministic`` asks for deterministic kernels too."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2**32))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-
-
-# Devices whose parameters take torch's fused optimizer kernels (one kernel per step for
-# all parameters instead of a Python loop over them: the default MLP's Adam step on one
-# CPU thread took 0.32 ms instead of 1.55 ms; an audit of 4,000 x 64 rows trained in
-# 2.26 s instead of 2.80 s).
-FUSED_DEVICE_TYPES = ("cpu", "cuda")
-
-
-def make_base_optimizer(name: str, parameters: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """The optimizer that takes Minnorm's weight steps: torch's own, built so that
-    training imports no ``torch._dynamo`` (``minnorm/eager.py``), with the fused
-    kernels where the parameters' device has them (the same update up to rounding)."""
-    fused = bool(parameters) and all(
-        p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for p in parameters)
-    options = {"fused": True} if fused else {}
-    if name == "adam":
-        return eager.Adam(parameters, lr=lr, **options)
-    if name == "adamw":
-        # Weight decay off: the norm term is Minnorm's own.
-        return eager.AdamW(parameters, lr=lr, weight_decay=0.0, **options)
-    if name == "sgd":
-        return eager.SGD(parameters, lr=lr, **options)
-    raise TrainingError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
-
-
-def make_minnorm(
-    model: nn.Module,
-    *,
-    form: ConstraintForm,
-    num_examples: int,
-    num_outputs: int,
-    config: TrainConfig,
-    dataset_fingerprint: str,
-    device: torch.device,
-) -> Minnorm:
-    """The Minnorm wrapper around ``config.optimizer`` over the model's trainable parameters."""
-    base = make_base_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], config.lr)
-    try:
-        return Minnorm(
-            base,
-            num_examples=num_examples,
-            num_outputs=num_outputs,
-            form=form,
-            margin=config.margin,
-            dual_lr=config.dual_lr,
-            damping=config.damping,
-            model=model,
-            dataset_fingerprint=dataset_fingerprint,
-            device=device,
-            # A float64 model (closed-form checks) keeps float64 multipliers.
-            multiplier_dtype=torch.promote_types(_parameter_dtype(model), torch.float32),
-            track_violations=config.score_state == "violation",
-            multiplier_store=config.multiplier_store,  # type: ignore[arg-type]
-            multiplier_slots=config.multiplier_slots,
-            memory_budget_bytes=int(config.multiplier_memory_gb * 1e9),
-        )
-    except ValueError as error:  # e.g. violations asked for beside the compact store
-        raise TrainingError(str(error)) from error
 
 
 def save_checkpoint(run: TrainingRun, epochs_done: int) -> None:
@@ -333,7 +255,7 @@ def run_epoch(run: TrainingRun, epoch: int, bar: Any = None) -> None:
     """One epoch of training; Ctrl-C becomes :class:`TrainingInterrupted`."""
     try:
         train_one_epoch(run.training_model, run.optimizer, run.source, run.targets, run.config.batch_size,
-                        run.batch_generator, run.context)
+                        run.batch_generator, run.context, channels_last=run.channels_last)
     except KeyboardInterrupt:
         # Mid-epoch state is not resumable; the last finished epoch's is: on disk
         # already, or kept in memory since the last write and written now.
@@ -395,11 +317,14 @@ def train_one_epoch(
     batch_size: int,
     batch_generator: torch.Generator,
     context: distributed.DistributedContext | None = None,
+    *,
+    channels_last: bool = False,
 ) -> None:
     """One pass over the data in random batches; every example is seen exactly once.
 
     The permutation is the same on every rank; each rank trains on its contiguous
-    slice of every global batch (all of it in a single process).
+    slice of every global batch (all of it in a single process). ``channels_last``:
+    image batches are handed to the model in NHWC memory layout.
     """
     context = context or distributed.DistributedContext()
     order = torch.randperm(len(source), generator=batch_generator)
@@ -408,6 +333,8 @@ def train_one_epoch(
     # Every example once per epoch: the dual updates may be applied a window at a time.
     with optimizer.deferred_dual_updates():
         for global_batch, (batch_ids, batch_inputs) in zip(global_batches, source.iterate(local_batches)):
+            if channels_last:
+                batch_inputs = batch_inputs.contiguous(memory_format=torch.channels_last)
             with autocast_context(batch_inputs.device):
                 outputs = model(batch_inputs)
             loss = optimizer.lagrangian(outputs, targets.index_select(0, batch_ids), batch_ids)
@@ -503,11 +430,6 @@ def _dense_state(run: TrainingRun, state: str, dense_result: bool) -> np.ndarray
     if not dense_result or (state == "violation" and run.optimizer.visits is None):
         return None
     return run.optimizer.state_rows(state, 0, run.num_examples).detach().cpu().numpy()
-
-
-def _parameter_dtype(model: nn.Module) -> torch.dtype:
-    first = next(model.parameters(), None)
-    return first.dtype if first is not None and first.is_floating_point() else torch.float32
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):  # type: ignore[no-untyped-def]
