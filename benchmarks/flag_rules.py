@@ -75,26 +75,11 @@ def null(stats, kind, z_threshold):
     pref, labels, k = stats["preference"], stats["labels"], stats["k"]
     if kind == "all":
         return calibration.per_class_location_scale(pref, labels, k)
-    if kind == "fitted-trimmed":
-        medians, scales = null(stats, "fitted", z_threshold)
-        fitted = stats["margins"] > 0
-        base_m, base_s = medians, scales
-        for _ in range(50):
-            keep = fitted & ((pref - medians[labels]) / scales[labels] < z_threshold)
-            m2, s2 = calibration.per_class_location_scale(pref[keep], labels[keep], k)
-            enough = np.bincount(labels[keep], minlength=k) >= calibration.MIN_CLASS_EXAMPLES
-            m2, s2 = np.where(enough, m2, base_m), np.where(enough, s2, base_s)
-            if np.allclose(m2, medians) and np.allclose(s2, scales):
-                break
-            medians, scales = m2, s2
-        return medians, scales
-    if kind == "fitted":
-        keep = stats["margins"] > 0
+    if kind in ("fitted", "fitted-trimmed"):
+        # The product's null (calibration.fitted_null); one round is the fitted examples alone.
         medians, scales = calibration.per_class_location_scale(pref, labels, k)
-        m2, s2 = calibration.per_class_location_scale(pref[keep], labels[keep], k)
-        counts = np.bincount(labels[keep], minlength=k)
-        use = counts >= calibration.MIN_CLASS_EXAMPLES
-        return np.where(use, m2, medians), np.where(use, s2, scales)
+        return calibration.fitted_null(pref, labels, k, stats["margins"] > 0, medians, scales, z_threshold,
+                                       max_rounds=1 if kind == "fitted" else calibration.NULL_ROUNDS)
     if kind.startswith("trimmed") or kind.startswith("trim"):
         trim_at = float(kind[4:]) if kind.startswith("trim") and not kind.startswith("trimmed") else z_threshold
         medians, scales = calibration.per_class_location_scale(pref, labels, k)

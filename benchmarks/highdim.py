@@ -87,13 +87,7 @@ def evaluate(data: lab.Dataset, kind: str, rate: float, seed: int, config: Train
     planted = vd.Planted(data.features, noisy, data.labels, np.where(flipped, "flipped", "clean"), data.num_classes)
     tag = f"{data.name}-{kind}-{rate}-e{config.epochs}"
     ours = vd.minnorm_verdicts(planted, seed, config, cache, tag)
-    result, _ = vd.trained_state(planted, seed, config, cache, tag)
-    from minnorm_audit.audit import AuditOptions
-    from minnorm_audit.data import load_arrays
-    from minnorm_audit.score_run import score_classification
-
-    examples, _ = score_classification(result, load_arrays(planted.features, planted.labels), AuditOptions(train=config))
-    row = {"minnorm AP": lab.average_precision(examples["difficulty"].to_numpy(), flipped),
+    row = {"minnorm AP": lab.average_precision(ours["difficulty"], flipped),
            "minnorm F1": lab.flag_prf(ours["flags"] == "mislabeled", flipped)[2],
            "minnorm s": ours["seconds"]}
     started = time.perf_counter()

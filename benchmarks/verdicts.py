@@ -214,6 +214,7 @@ def minnorm_verdicts(data: Planted, seed: int, config: TrainConfig, cache: Path 
     margins = examples["margin"].to_numpy()
     return {
         "flags": examples["flag"].astype(str).to_numpy(),
+        "difficulty": examples["difficulty"].to_numpy(),
         "suggested": suggested,
         "rule": rule,
         "training_accuracy": float((margins > 0).mean()),
