@@ -26,14 +26,16 @@ import pandas as pd
 import torch
 
 from .calibration import (
+    MIN_RELATIVE_DISTANCE_SPREAD,
     NEIGHBOURS,
     OUTLIER_DISTANCE_Z,
     calibrated_flags,
-    distance_scores,
-    neighbour_distances,
+    core_distances,
+    per_class_location_scale,
     training_verdict,
 )
 from .data import LoadedDataset
+from .data.placement import LazyImages
 from .scoring import (
     difficulty_scores,
     flag_examples,
@@ -56,10 +58,12 @@ CLASS_MULTIPLIERS_MAX_CLASSES = 100
 # The outlier check's view of the inputs: images average-pooled to at most this side
 # (noise and other-domain images stay far from the data at 16 x 16, and the cost stays
 # small), and inputs wider than OUTLIER_MAX_FEATURES standardized and randomly
-# projected down to it (cosines are kept to about 1 / sqrt(128)), so the table the
-# check reads is at most examples x 128 float32.
+# projected down to it (cosines are kept to about 1 / sqrt(256)), so the table the
+# check reads is at most examples x 256 float32. A 16 x 16 gray image fits unprojected:
+# at 128 the projection blurred a cluster of 3% blank scans among 28-px digits into the
+# data (92.6% of them called outlier at 256, none at 128; benchmarks/verdicts.py).
 OUTLIER_IMAGE_SIDE = 16
-OUTLIER_MAX_FEATURES = 128
+OUTLIER_MAX_FEATURES = 256
 # summary.json lists the per-class thresholds up to this many classes.
 RULE_MAX_CLASSES = 100
 
@@ -90,17 +94,13 @@ def score_classification(
         if result.final_outputs is None:
             raise ValueError("the fit result holds neither final_margins nor final_outputs")
         margins = output_margins(torch.from_numpy(result.final_outputs), torch.from_numpy(labels)).numpy()
-    still_violated = still_violated_at_end(result, labels, scores.competing, margins, settings.train.margin)
-    distance = competing_distance = None
+    distance = core = None
     if settings.train.score_state == "violation":  # the other states keep the Otsu rule, without outliers
         features = outlier_features(loaded.inputs, settings.train.seed)
         if features is not None:
-            distance = neighbour_distances(features, labels, labels, seed=settings.train.seed)
-            competing_distance = neighbour_distances(features, labels, scores.competing, seed=settings.train.seed)
+            distance, core = core_distances(features, labels, seed=settings.train.seed)
     flags, rule = classification_flags(scores, settings, labels=labels, class_count=len(loaded.class_names),
-                                       still_violated=still_violated, distance=distance,
-                                       competing_distance=competing_distance, class_names=loaded.class_names,
-                                       fitted=margins > 0)
+                                       distance=distance, core=core, class_names=loaded.class_names)
     rule["inconclusive"] = audit_verdict(result, labels, margins, len(loaded.class_names))
     suggested = np.where(flags == "mislabeled", scores.competing, labels)
     names = np.asarray(loaded.class_names, dtype=object)
@@ -165,41 +165,22 @@ def competitor_margins(violations: np.ndarray, margin: float) -> np.ndarray:
     return preference - np.clip(second, 0.0, None)
 
 
-def still_violated_at_end(
-    result: FitResult, labels: np.ndarray, competing: np.ndarray, margins: np.ndarray, margin: float
-) -> np.ndarray:
-    """Whether, at the end of training, the given label still has not beaten the
-    competing class by the margin: the constraint toward that class is still violated
-    (``f_y - f_j < margin``), so the network has not settled on the given label.
-
-    A flipped label the network memorizes late sits just inside its margin at the end
-    (on the benchmark, every flip this check cut when it asked for the competing class
-    to be predicted outright had a final margin between 0 and 1). With only the
-    margins kept (a large run, or the binary single output), the check reads the
-    margin to the best other class, ``margin_i < margin``.
-    """
-    margins = np.asarray(margins, dtype=np.float64)
-    violated = margins < margin
-    outputs = result.final_outputs
-    if outputs is not None and outputs.ndim == 2 and outputs.shape[1] > 2:
-        rows = max(1, SCORE_BLOCK_ELEMENTS // outputs.shape[1])
-        for start in range(0, len(labels), rows):
-            stop = min(len(labels), start + rows)
-            block = np.asarray(outputs[start:stop], dtype=np.float64)
-            index = np.arange(stop - start)
-            gap = block[index, labels[start:stop]] - block[index, competing[start:stop]]
-            violated[start:stop] = gap < margin
-    return violated
-
-
 def outlier_features(inputs: Any, seed: int) -> np.ndarray | None:
     """The inputs as the outlier check reads them (float32, at most examples x
-    OUTLIER_MAX_FEATURES): tables as they are, images average-pooled; None for images
-    streamed from disk (the check would cost another pass over the data)."""
-    if not isinstance(inputs, torch.Tensor) or inputs.shape[0] < 2:
+    OUTLIER_MAX_FEATURES): tables as they are, images average-pooled to at most
+    OUTLIER_IMAGE_SIDE. Images streamed from disk (``LazyImages``) are decoded once more
+    here, a block at a time, so the flags do not depend on where the pixels were kept
+    (``--max-memory-gb``); None for fewer than two examples."""
+    streamed = isinstance(inputs, LazyImages)
+    if not (streamed or isinstance(inputs, torch.Tensor)) or inputs.shape[0] < 2:
         return None
     count = int(inputs.shape[0])
-    rows = 4096
+    rows = 4096 if not streamed else 256
+
+    def take(positions: torch.Tensor | range) -> torch.Tensor:
+        if streamed:
+            return inputs.stack([int(position) for position in positions])
+        return inputs[positions] if isinstance(positions, torch.Tensor) else inputs[positions.start:positions.stop]
 
     def pooled(block: torch.Tensor) -> torch.Tensor:
         block = block.float()
@@ -208,17 +189,21 @@ def outlier_features(inputs: Any, seed: int) -> np.ndarray | None:
             block = torch.nn.functional.adaptive_avg_pool2d(block, side)
         return block.reshape(block.shape[0], -1)
 
-    width = pooled(inputs[:1]).shape[1]
+    blocks = [range(start, min(count, start + rows)) for start in range(0, count, rows)]
+    width = pooled(take(range(0, 1))).shape[1]
     if width <= OUTLIER_MAX_FEATURES:
-        return torch.cat([pooled(inputs[start:start + rows]) for start in range(0, count, rows)]).numpy()
+        return torch.cat([pooled(take(block)) for block in blocks]).numpy()
     generator = torch.Generator().manual_seed(seed)
-    sample = torch.randperm(count, generator=generator)[:rows]
-    reference = pooled(inputs[sample])
-    mean, std = reference.mean(0), reference.std(0).clamp_min(1e-6)
+    sample = torch.randperm(count, generator=generator)[:4096].sort().values
+    reference = pooled(take(sample))
+    mean, std = reference.mean(0), reference.std(0)
+    # A column (pixel) that is nearly constant in the data would blow noise up: its
+    # spread is floored at a tenth of the median column spread, as core_distances does.
+    std = std.clamp_min(max(0.1 * float(std[std > 0].median()) if bool((std > 0).any()) else 1.0, 1e-6))
     projection = torch.randn(width, OUTLIER_MAX_FEATURES, generator=generator) / OUTLIER_MAX_FEATURES ** 0.5
     out = np.empty((count, OUTLIER_MAX_FEATURES), dtype=np.float32)
-    for start in range(0, count, rows):
-        out[start:start + rows] = (((pooled(inputs[start:start + rows]) - mean) / std) @ projection).numpy()
+    for block in blocks:
+        out[block.start:block.stop] = (((pooled(take(block)) - mean) / std) @ projection).numpy()
     return out
 
 
@@ -248,30 +233,25 @@ def classification_flags(
     *,
     labels: np.ndarray | None = None,
     class_count: int | None = None,
-    still_violated: np.ndarray | None = None,
     distance: np.ndarray | None = None,
-    competing_distance: np.ndarray | None = None,
+    core: np.ndarray | None = None,
     class_names: list[str] | None = None,
-    fitted: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """mislabeled / hard / outlier / ok for every example, and the rule that decided.
 
     The default (score state "violation", no ``--flag-fraction`` / ``--threshold``) is
-    calibration.calibrated_flags: thresholds set per class from what the class's own
-    examples show. With an override, the examples at or above the difficulty threshold
-    are flagged: outlier when far from the data (as in the default rule), else
-    mislabeled when the network preferred the competing class on average, else hard.
-    Other score states keep the Otsu split of the multipliers (mislabeled / hard).
+    calibration.calibrated_flags: count each class's errors, then flag that many from
+    the top of the ranking. With an override, the examples at or above the difficulty
+    threshold are flagged: outlier when far from the data's core (as in the default
+    rule), else mislabeled when the network preferred the competing class on average,
+    else hard. Other score states keep the Otsu split of the multipliers.
     """
     override = settings.flag_fraction is not None or settings.threshold is not None
-    if (settings.train.score_state == "violation" and not override and labels is not None
-            and scores.competitor_margin is not None and class_count is not None):
-        violated = still_violated if still_violated is not None else np.ones(len(labels), dtype=bool)
-        flags, rule = calibrated_flags(scores.difficulty - settings.train.margin, scores.competitor_margin, violated,
-                                       labels, class_count, distance=distance,
-                                       competing_distance=competing_distance, competing=scores.competing,
-                                       fitted=fitted)
-        return flags, describe_calibrated_rule(rule, settings.train.margin, distance is not None, class_names)
+    margin = settings.train.margin
+    if settings.train.score_state == "violation" and not override and labels is not None and class_count is not None:
+        flags, rule = calibrated_flags(scores.difficulty, labels, class_count, margin, suggested=scores.competing,
+                                       distance=distance, core=core, seed=settings.train.seed)
+        return flags, describe_calibrated_rule(rule, margin, distance is not None, class_names)
     if settings.train.score_state != "violation":
         return flag_examples(
             scores.difficulty,
@@ -281,10 +261,8 @@ def classification_flags(
             concentration_threshold=settings.concentration_threshold,
         )
     # Difficulty is in logit units here: difficulty - margin is how far, averaged over
-    # training, the network preferred the competing class over the given label. The
-    # cap keeps flipped examples from being memorized, so a preference > 0 is the
-    # network contradicting the label; flagged examples without it are ambiguous.
-    preference = scores.difficulty - settings.train.margin
+    # training, the network preferred the competing class over the given label.
+    preference = scores.difficulty - margin
     flags, rule = flag_examples(
         scores.difficulty, preference, flag_fraction=settings.flag_fraction, threshold=settings.threshold,
         concentration_threshold=settings.preference_threshold, log_scale=False,
@@ -296,50 +274,52 @@ def classification_flags(
         "difficulty - margin >= preference_threshold (the network preferred the suggested "
         "class over the given label on average over training), else hard"
     )
-    if distance is not None and labels is not None and class_count is not None:
+    if distance is not None and core is not None and labels is not None and class_count is not None:
         # The outlier check of the default rule, among the flagged examples.
-        far, _, _ = distance_scores(distance, labels, class_count, competing_distance=competing_distance,
-                                    competing=np.where(flags == "mislabeled", scores.competing, labels))
+        medians, spreads = per_class_location_scale(distance[core], labels[core], class_count)
+        spreads = np.maximum(spreads, MIN_RELATIVE_DISTANCE_SPREAD * medians)
+        far = np.fmin((distance - medians[labels]) / spreads[labels],
+                      (distance - medians[scores.competing]) / spreads[scores.competing])
         with np.errstate(invalid="ignore"):
             flags = np.where((far >= OUTLIER_DISTANCE_Z) & (flags != "ok"), "outlier", flags)
         rule["outlier_distance_z"] = OUTLIER_DISTANCE_Z
-        rule["rule"] += (f"; a flagged example is an outlier instead when it is at least {OUTLIER_DISTANCE_Z:g} "
-                         "robust spreads farther from the rows of its given and of its competing class than that "
-                         "class's examples are (median distance)")
+        rule["rule"] += (f"; a flagged example is an outlier instead when its distance to the data's core is at "
+                         f"least {OUTLIER_DISTANCE_Z:g} robust spreads above the median of the core rows of its "
+                         "given and of its competing class")
     return flags, rule
 
 
 def describe_calibrated_rule(
     rule: dict[str, Any], margin: float, with_distance: bool, class_names: list[str] | None
 ) -> dict[str, Any]:
-    """The calibrated rule as summary.json's flag_rule: the text, the thresholds, and
-    per class (up to RULE_MAX_CLASSES) the median and spread of the difficulty among
-    its own examples with the difficulty at which hard starts."""
+    """The calibrated rule as summary.json's flag_rule: the text, the figures, and per
+    class (up to RULE_MAX_CLASSES) its error group (examples, expected errors) and the
+    medians and spreads the hard and outlier tests use."""
     medians, scales = rule.pop("class_medians"), rule.pop("class_scales")
-    null_medians, null_scales = rule.pop("mislabeled_medians"), rule.pop("mislabeled_scales")
+    groups = rule.pop("class_groups")
     distance_medians, distance_scales = rule.pop("distance_medians", None), rule.pop("distance_scales", None)
     text = (
-        "per given class, the median and robust spread (1.4826 x MAD) of difficulty among the class's own "
-        "examples; z = (difficulty - class median) / class spread. "
-        f"hard: z >= {rule['hard_z']:g}. "
-        f"mislabeled (overrides hard): the competing class beat the given label and every other class on "
-        f"average over training (competitor margin > 0, by at least {rule['mislabeled_z']:g} spreads above the "
-        "median difficulty - margin of the class's fitted examples, those the network predicts as their given "
-        "label at the end, so that the flipped labels stay out of the class's null) and at the end of training the given label still has not beaten it by the "
-        "margin (the constraint toward it is still violated). "
+        "mislabeled: per given class, a one- or two-group Gaussian mixture on difficulty (the training-averaged "
+        "violation toward the strongest other class); a second group is kept when the BIC prefers it and its "
+        f"mean difficulty is above the margin ({margin:g}: on average over training its examples preferred "
+        "another class). Its expected size (the sum of the examples' posteriors) is the class's error count; "
+        "that many examples are flagged from the top of the difficulty ranking within each (given, suggested) "
+        "pair of classes. "
+        f"hard: not counted as an error, and difficulty at least {rule['hard_z']:g} robust spreads (1.4826 x MAD) "
+        "above the median of its class's examples. "
     )
     if with_distance:
-        text += (f"outlier (overrides both): mean distance to the {NEIGHBOURS} nearest rows of the data "
-                 f"(standardized inputs, cosine geometry) at least {rule['outlier_distance_z']:g} robust spreads "
-                 f"above the median distance of the class's examples (outlier_from_distance), and "
-                 f"z >= {rule['outlier_fit_z']:g}. ")
+        text += (f"outlier (overrides both): mean distance to the {NEIGHBOURS} nearest rows of the data's core (the "
+                 "typical half of every class; standardized inputs, cosine geometry) at least "
+                 f"{rule['outlier_distance_z']:g} robust spreads above the median distance of the core rows of its "
+                 f"given class and of its suggested class, and fitted worse than a typical member of its class "
+                 f"(z >= {rule['outlier_fit_z']:g}). ")
     else:
-        text += "outlier: not checked (images streamed from disk). "
+        text += "outlier: not checked. "
     text += "ok: everything else."
     described: dict[str, Any] = {
         "rule": text,
-        "method": "calibrated per class (median + k x robust spread of the class's own examples)",
-        # One threshold for the plot and older readers: none, the thresholds are per class.
+        "method": "count then rank: per-class mixture on difficulty for the count, the difficulty ranking for which",
         "difficulty_threshold": None,
         "difficulty_threshold_method": "per class (class_thresholds)",
         "outlier_checked": with_distance,
@@ -347,11 +327,12 @@ def describe_calibrated_rule(
     }
     if class_names is not None and len(class_names) <= RULE_MAX_CLASSES:
         described["class_thresholds"] = [
-            {"class": name, "median_difficulty": float(medians[c] + margin), "spread": float(scales[c]),
+            {"class": name, "examples": groups[c]["examples"], "error_group": groups[c]["error_group"],
+             "expected_errors": groups[c]["expected_errors"],
+             "median_difficulty": float(medians[c] + margin), "spread": float(scales[c]),
              "hard_from_difficulty": float(medians[c] + margin + rule["hard_z"] * scales[c]),
-             "fitted_median_difficulty": float(null_medians[c] + margin), "fitted_spread": float(null_scales[c]),
-             **({} if distance_medians is None else {
-                 "median_distance": float(distance_medians[c]), "distance_spread": float(distance_scales[c]),
+             **({} if distance_medians is None or not np.isfinite(distance_medians[c]) else {
+                 "median_core_distance": float(distance_medians[c]), "distance_spread": float(distance_scales[c]),
                  "outlier_from_distance": float(distance_medians[c] + rule["outlier_distance_z"] * distance_scales[c]),
              })}
             for c, name in enumerate(class_names)

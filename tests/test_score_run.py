@@ -4,6 +4,7 @@ on hand-made training results whose answers are known."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from minnorm_audit.audit import AuditOptions
@@ -34,7 +35,10 @@ def test_violation_state_flags_contradicted_labels_mislabeled_and_ambiguous_ones
     violations = rng.normal(-1.0, 0.1, size=(count, 3))
     # The own-label column holds +margin in real runs (-g of the own column); it must be ignored.
     violations[np.arange(count), labels] = 1.0
-    flipped, ambiguous = np.arange(0, 10), np.arange(10, 20)
+    # Flips among classes a and b; ambiguous examples of class c (a group of its own,
+    # but one that on average never preferred another class: no error group there).
+    flipped = np.flatnonzero(labels < 2)[:10]
+    ambiguous = np.flatnonzero(labels == 2)[:10]
     true_class = (labels[flipped] + 1) % 3
     violations[flipped, true_class] = 2.0  # the network preferred the true class by one logit
     other = (labels[ambiguous] + 2) % 3
@@ -44,19 +48,22 @@ def test_violation_state_flags_contradicted_labels_mislabeled_and_ambiguous_ones
     flag = examples["flag"].to_numpy()
     assert (flag[flipped] == "mislabeled").all()
     assert (flag[ambiguous] == "hard").all()
-    assert (flag[20:] == "ok").all()
+    rest = np.setdiff1d(np.arange(count), np.concatenate([flipped, ambiguous]))
+    assert (flag[rest] == "ok").all()
     names = np.array(["a", "b", "c"])
     assert (examples["suggested_label"].to_numpy()[flipped] == names[true_class]).all()
     # Hard examples keep their given label; their competing class is still reported.
     assert (examples["suggested_label"].to_numpy()[ambiguous] == names[labels[ambiguous]]).all()
     assert (examples["competing_label"].to_numpy()[ambiguous] == names[other]).all()
     np.testing.assert_allclose(examples["difficulty"].to_numpy()[flipped], 2.0, rtol=1e-6)
-    # The calibrated rule (scoring.calibrated_flags): thresholds per class, written down.
-    assert rule["mislabeled_z"] == 3.0 and rule["hard_z"] == 2.5 and rule["difficulty_threshold"] is None
+    # The count-then-rank rule (calibration.calibrated_flags): per class, written down.
+    assert rule["hard_z"] == 2.5 and rule["difficulty_threshold"] is None
     assert [row["class"] for row in rule["class_thresholds"]] == ["a", "b", "c"]
     assert all(row["hard_from_difficulty"] < 0.7 for row in rule["class_thresholds"])
-    # No example is fitted (outputs of zeros): the mislabeled null falls back to every example.
-    assert all(row["fitted_spread"] == row["spread"] for row in rule["class_thresholds"])
+    # Ten errors among 200: the classes with flips have error groups of about their size.
+    assert [row["error_group"] for row in rule["class_thresholds"]] == [True, True, False]
+    assert sum(row["expected_errors"] for row in rule["class_thresholds"]) == pytest.approx(10, abs=1)
+    assert rule["expected_errors_among_flagged"] == pytest.approx(10, abs=1)
     # Final outputs of zeros: the network predicts no label at all, so the audit is inconclusive.
     assert "has not learned" in rule["inconclusive"]["reason"]
 

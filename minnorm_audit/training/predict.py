@@ -1,6 +1,5 @@
 """The trained network's outputs and margins for every example (batch-wise, eval
-mode, gathered across torchrun ranks), and the autocast both training and
-prediction run under."""
+mode, fp32, gathered across torchrun ranks), and the autocast training runs under."""
 
 from __future__ import annotations
 
@@ -59,8 +58,9 @@ def predict(
     shard = shards[context.rank]
     outputs = []
     for batch_ids, batch_inputs in source.iterate(list(shard.split(max(batch_size, 512)))):
-        with autocast_context(batch_inputs.device):
-            batch_outputs = model(batch_inputs)
+        # fp32 on every device: the margins decide fitted / inconclusive, and bf16
+        # rounding (8 bits of mantissa) would move examples near 0 across it.
+        batch_outputs = model(batch_inputs.float() if batch_inputs.is_floating_point() else batch_inputs)
         batch_outputs = batch_outputs.float().reshape(batch_outputs.shape[0], -1)
         if margins_for is not None:
             batch_labels = margins_for.index_select(0, batch_ids.to(margins_for.device))
@@ -89,5 +89,4 @@ def _model_device(model: nn.Module) -> torch.device:
 def _output_width(model: nn.Module, source: BatchSource) -> int:
     """Output width from one example (a rank whose prediction shard is empty)."""
     _, first = next(source.iterate([torch.arange(1)]))
-    with autocast_context(first.device):
-        return int(model(first).reshape(1, -1).shape[1])
+    return int(model(first).reshape(1, -1).shape[1])
