@@ -155,6 +155,8 @@ class FitResult:
     mean_violations: np.ndarray | None = None
     # Classification: given-label output minus the best other output, per example.
     final_margins: np.ndarray | None = None
+    # Classification: the class predicted for each example at the end (its largest output).
+    final_predicted: np.ndarray | None = None
     # The trained Minnorm, read by state_rows() when the arrays above were not built.
     minnorm: Minnorm | None = field(default=None, repr=False)
 
