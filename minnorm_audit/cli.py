@@ -20,9 +20,23 @@ EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
 
 
+class DeviceName(click.ParamType):
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked as text here; whether
+    the device exists is checked when training starts)."""
+
+    name = "[auto|cpu|cuda|cuda:N|mps]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        kind, colon, index = text.partition(":")
+        if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and colon and index.isdigit()):
+            return text
+        self.fail(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps", param, ctx)
+
+
 def _training_options(function: Any, *, image_size: int = 32) -> Any:
     """Options shared by ``run`` and ``demo``."""
-    from .training import TrainConfig
+    from .options import TrainConfig  # not training's re-export: that imports torch
 
     defaults = TrainConfig()
     options = [
@@ -37,7 +51,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--no-multiplier-cap", is_flag=True, help="Train the hard-margin problem (no cap)."),
         click.option("--multiplier-store", type=click.Choice(["auto", "dense", "compact"]), default=defaults.multiplier_store, help="Where the multipliers live: a dense examples x classes table, or the top-k classes per example (compact; auto: when the dense table would pass --multiplier-memory-gb)."),
         click.option("--multiplier-memory-gb", type=click.FloatRange(min=0, min_open=True), default=defaults.multiplier_memory_gb, help="Budget (GB) for all per-example training state, which picks the multiplier store and its slots."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto"),
+        click.option("--device", type=DeviceName(), default="auto", help="auto (a CUDA GPU, then MPS, then the CPU), cpu, cuda, cuda:N (GPU number N) or mps."),
         click.option("--seed", type=int, default=0),
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
         click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
@@ -125,6 +139,8 @@ def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_outp
     )
     click.echo(f"report: {run_dir / 'report.html'}", err=True)
     click.echo(f"table:  {run_dir / 'examples.parquet'}", err=True)
+    for finding in summary.get("not_learned") or []:  # a class the network never learned: no clean bill
+        click.echo(f"warning: {finding['finding']}", err=True)
     inconclusive = summary.get("inconclusive")
     if inconclusive:  # the last line: the flags above are not to be trusted
         click.echo(f"audit inconclusive: {inconclusive['reason']}; do not act on these flags", err=True)

@@ -436,8 +436,16 @@ def _dense_state(run: TrainingRun, state: str, dense_result: bool) -> np.ndarray
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):  # type: ignore[no-untyped-def]
+    """A tqdm bar over the epochs on stderr, or None; it stays on screen after the last
+    epoch. Its size comes from shutil.get_terminal_size, which falls back to 80 x 24
+    where the terminal reports 0 x 0 (a pty nobody sized: ``script``, ``docker exec -t``,
+    some CI runners): there tqdm's own guess is -1 rows and it draws nothing at all."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    import shutil
 
-    return tqdm(total=total, initial=initial, desc="minnorm", unit="epoch", file=sys.stderr, leave=False)
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, initial=initial, desc="minnorm", unit="epoch", file=sys.stderr, leave=True,
+                ncols=size.columns, nrows=size.lines)
