@@ -219,7 +219,7 @@ def run_audit(
     Under torchrun every rank trains and scores (the results agree); rank 0 alone
     writes the run folder.
     """
-    settings = with_epoch_budget(settings, loaded)
+    settings = with_usable_workers(with_epoch_budget(settings, loaded))
     check_run_dir(run_dir, loaded, settings)
     started = time.perf_counter()
     targets = training_targets(loaded)
@@ -284,6 +284,16 @@ def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOpt
     epochs = default_epochs(network, len(loaded.targets), settings.train.batch_size * world,
                             classification=loaded.task == "classification")
     return replace(settings, train=replace(settings.train, epochs=epochs))
+
+
+def with_usable_workers(settings: AuditOptions) -> AuditOptions:
+    """``settings`` with ``train.workers`` at most the CPU cores: more decoding
+    processes than cores only queue for them (the summary and page then show the
+    workers the run started)."""
+    cores = os.cpu_count() or 1
+    if settings.train.workers <= cores:
+        return settings
+    return replace(settings, train=replace(settings.train, workers=cores))
 
 
 def train(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,10 @@ def run_config(result: FitResult, loaded: LoadedDataset, settings: AuditOptions)
         "requested_device": settings.train.device,
         "data_placement": result.data_placement,
         "world_size": result.world_size,
+        # The gallery's page size (report --gallery-size changes it), and the cores that
+        # cap the workers (audit.with_usable_workers).
+        "gallery_size": settings.gallery_size,
+        "cpu_cores": os.cpu_count() or 1,
     }
 
 
