@@ -60,7 +60,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
         click.option("--threshold", type=float, default=None, help="Flag examples with difficulty >= this (overrides --flag-fraction)."),
-        click.option("--gallery-size", type=click.IntRange(min=0), default=60, help="Flagged examples shown in report.html."),
+        click.option("--gallery-size", type=click.IntRange(min=0), default=60, help="Flagged examples per page of report.html's gallery, and how many of each section keep a thumbnail or feature row in gallery.parquet (every flagged example can be paged to)."),
         click.option("--quiet", is_flag=True, help="No progress bar or messages on stderr."),
         click.option("--json", "json_output", is_flag=True, help="Print summary.json to stdout."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -321,18 +321,20 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gallery-size", type=click.IntRange(min=1), default=None, help="Flagged examples per page of the gallery; every flagged example can be paged to [default: the run's --gallery-size].")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def report(run_dir: Path, debug: bool) -> None:
+def report(run_dir: Path, gallery_size: int | None, debug: bool) -> None:
     """Re-render RUN_DIR/report.html from the run folder's files (no training).
 
     \b
     Example:
         minnorm-audit report reports/photos-20261127-101500
+        minnorm-audit report reports/photos-20261127-101500 --gallery-size 200
     """
     from .report.html import render_report
 
     try:
-        path = render_report(run_dir)
+        path = render_report(run_dir, gallery_size=gallery_size)
     except (OSError, ValueError, KeyError) as error:
         _fail(error, debug)
         return
