@@ -139,9 +139,10 @@ def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_outp
     )
     click.echo(f"report: {run_dir / 'report.html'}", err=True)
     click.echo(f"table:  {run_dir / 'examples.parquet'}", err=True)
-    for finding in summary.get("not_learned") or []:  # a class the network never learned: no clean bill
-        click.echo(f"warning: {finding['finding']}", err=True)
     inconclusive = summary.get("inconclusive")
+    # A class the network never learned: no clean bill (an inconclusive run says it for all).
+    for finding in [] if inconclusive else summary.get("not_learned") or []:
+        click.echo(f"warning: {finding['finding']}", err=True)
     if inconclusive:  # the last line: the flags above are not to be trusted
         click.echo(f"audit inconclusive: {inconclusive['reason']}; do not act on these flags", err=True)
 

@@ -173,7 +173,9 @@ def _report_context(run: RunFiles, gallery_size: int | None = None) -> dict[str,
     # from wherever the reviewer is, not from where `run` was called.
     run_path = str(Path(run.run_dir).resolve())
     inconclusive = _inconclusive(summary.get("inconclusive"))
-    not_learned = [dict(finding) for finding in summary.get("not_learned") or [] if isinstance(finding, Mapping)]
+    # (An inconclusive run is not judged as a whole: its verdict says so once, for every class.)
+    not_learned = [] if inconclusive else [dict(finding) for finding in summary.get("not_learned") or []
+                                           if isinstance(finding, Mapping)]
     expected = _finite_or_none(flag_rule.get("expected_errors_among_flagged"))
 
     context: dict[str, Any] = {
