@@ -368,3 +368,27 @@ def test_review_decisions_download_and_feed_clean(driver: Any, audited_photos: A
     manifest = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("source")
     assert manifest.loc[target, "label"] == HOSTILE_CLASS and others[0] not in manifest.index
     assert hashlib.sha256(b"".join(path.read_bytes() for path in sorted(root.rglob("*.png")))).hexdigest() == data_before
+
+
+def test_not_learned_class_and_plain_summary_on_screen(driver: Any, make_run_folder: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    from conftest import NOT_LEARNED_CLASS
+
+    folder, contents = make_run_folder("browser-table", kind="table")
+    _open(driver, render_report(folder))
+    plain = driver.find_element(By.ID, "plain-summary")
+    assert plain.is_displayed()
+    counts = contents["summary"]["counts"]
+    assert f"{len(contents['examples'])} examples, {counts['mislabeled']} look mislabeled" in plain.text
+    assert "Next step:" in plain.text
+    finding = driver.find_element(By.CSS_SELECTOR, f'.not-learned[data-class="{NOT_LEARNED_CLASS}"]')
+    assert finding.is_displayed()
+    assert finding.text.startswith(f"Class {NOT_LEARNED_CLASS} not learned: its")
+    # Beside the verdict, above the fold: the fit figures with the inconclusive lines.
+    figures = driver.find_element(By.ID, "fit-figures")
+    assert figures.is_displayed() and "inconclusive below 50%" in figures.text
+    assert figures.location["y"] < 1000
+    row = driver.find_element(By.CSS_SELECTOR, f'#per-class tr[data-class="{NOT_LEARNED_CLASS}"]')
+    assert "not learned: not judged" in row.text.lower()
+    assert _severe(driver) == []
