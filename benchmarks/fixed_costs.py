@@ -45,7 +45,13 @@ def import_rows(repeats: int) -> list[tuple[str, list[float], str]]:
         ("import torch (floor of any audit)", [fresh_python(timed.format("import torch")) for _ in range(repeats)],
          "fresh interpreter"),
         ("import minnorm_audit", [fresh_python(timed.format("import minnorm_audit")) for _ in range(repeats)],
+         "fresh interpreter; the API (and torch) load on first use"),
+        ("import minnorm_audit; minnorm_audit.audit",
+         [fresh_python(timed.format("import minnorm_audit; minnorm_audit.audit")) for _ in range(repeats)],
          "fresh interpreter, torch included"),
+        ("minnorm-audit --version", [fresh_python("import sys; from minnorm_audit.cli import main; sys.argv = ['x', '--version'];"
+                                                  "\ntry:\n    main()\nexcept SystemExit:\n    pass") for _ in range(repeats)],
+         "fresh interpreter, wall; no torch"),
         ("import torch._dynamo (no longer paid by an audit)",
          [fresh_python("import time, torch; t = time.perf_counter(); import torch._dynamo; "
                        "print(time.perf_counter() - t)") for _ in range(repeats)],

@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -31,6 +32,7 @@ from .training import (
     default_epochs,
     fit,
     is_main_process,
+    predicted_classes,
 )
 from .write_run import describe_run, write_run_folder
 
@@ -217,7 +219,7 @@ def run_audit(
     Under torchrun every rank trains and scores (the results agree); rank 0 alone
     writes the run folder.
     """
-    settings = with_epoch_budget(settings, loaded)
+    settings = with_usable_workers(with_epoch_budget(settings, loaded))
     check_run_dir(run_dir, loaded, settings)
     started = time.perf_counter()
     targets = training_targets(loaded)
@@ -284,6 +286,16 @@ def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOpt
     return replace(settings, train=replace(settings.train, epochs=epochs))
 
 
+def with_usable_workers(settings: AuditOptions) -> AuditOptions:
+    """``settings`` with ``train.workers`` at most the CPU cores: more decoding
+    processes than cores only queue for them (the summary and page then show the
+    workers the run started)."""
+    cores = os.cpu_count() or 1
+    if settings.train.workers <= cores:
+        return settings
+    return replace(settings, train=replace(settings.train, workers=cores))
+
+
 def train(
     loaded: LoadedDataset,
     settings: AuditOptions,
@@ -323,4 +335,26 @@ def score(
     if targets.form == "equality":
         predictions = targets.unstandardize(result.final_outputs)
         return score_regression(result, loaded, settings, predictions)
-    return score_classification(result, loaded, settings)
+    examples, rule = score_classification(result, loaded, settings)
+    # What the network predicts at the end, beside the given label (a class it never
+    # learned shows up here: its examples are predicted as other classes).
+    examples.insert(int(examples.columns.get_loc("margin")) + 1, "predicted_label",
+                    predicted_labels(result, loaded.class_names, examples["margin"].to_numpy(),
+                                     loaded.targets.numpy().astype(np.int64)))
+    return examples, rule
+
+
+def predicted_labels(result: FitResult, class_names: list[str], margins: Any, labels: Any) -> pd.Series:
+    """The class name the trained network predicts for each example (string column):
+    from the FitResult's predicted classes, else from its outputs; for a result that
+    holds only margins, the given label where the margin is above 0 and missing
+    elsewhere (which other class won is not known)."""
+    names = pd.array(list(class_names), dtype="string")
+    predicted = result.final_predicted
+    if predicted is None and result.final_outputs is not None:
+        predicted = predicted_classes(result.final_outputs)
+    if predicted is not None:
+        return pd.Series(names[np.asarray(predicted, dtype=np.int64)], dtype="string")
+    column = pd.Series(names[labels], dtype="string")
+    column[~(np.asarray(margins) > 0)] = pd.NA
+    return column

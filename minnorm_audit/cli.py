@@ -20,9 +20,23 @@ EXIT_INCONCLUSIVE = 4
 EXIT_INTERRUPTED = 130
 
 
+class DeviceName(click.ParamType):
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (checked as text here; whether
+    the device exists is checked when training starts)."""
+
+    name = "[auto|cpu|cuda|cuda:N|mps]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value).strip().lower()
+        kind, colon, index = text.partition(":")
+        if text in ("auto", "cpu", "cuda", "mps") or (kind == "cuda" and colon and index.isdigit()):
+            return text
+        self.fail(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps", param, ctx)
+
+
 def _training_options(function: Any, *, image_size: int = 32) -> Any:
     """Options shared by ``run`` and ``demo``."""
-    from .training import TrainConfig
+    from .options import TrainConfig  # not training's re-export: that imports torch
 
     defaults = TrainConfig()
     options = [
@@ -37,7 +51,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--no-multiplier-cap", is_flag=True, help="Train the hard-margin problem (no cap)."),
         click.option("--multiplier-store", type=click.Choice(["auto", "dense", "compact"]), default=defaults.multiplier_store, help="Where the multipliers live: a dense examples x classes table, or the top-k classes per example (compact; auto: when the dense table would pass --multiplier-memory-gb)."),
         click.option("--multiplier-memory-gb", type=click.FloatRange(min=0, min_open=True), default=defaults.multiplier_memory_gb, help="Budget (GB) for all per-example training state, which picks the multiplier store and its slots."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "mps"]), default="auto"),
+        click.option("--device", type=DeviceName(), default="auto", help="auto (a CUDA GPU, then MPS, then the CPU), cpu, cuda, cuda:N (GPU number N) or mps."),
         click.option("--seed", type=int, default=0),
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
         click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
@@ -46,7 +60,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
         click.option("--threshold", type=float, default=None, help="Flag examples with difficulty >= this (overrides --flag-fraction)."),
-        click.option("--gallery-size", type=click.IntRange(min=0), default=60, help="Flagged examples shown in report.html."),
+        click.option("--gallery-size", type=click.IntRange(min=0), default=60, help="Flagged examples per page of report.html's gallery, and how many of each section keep a thumbnail or feature row in gallery.parquet (every flagged example can be paged to)."),
         click.option("--quiet", is_flag=True, help="No progress bar or messages on stderr."),
         click.option("--json", "json_output", is_flag=True, help="Print summary.json to stdout."),
         click.option("--debug", is_flag=True, help="Show tracebacks."),
@@ -126,6 +140,9 @@ def _echo_summary(summary: dict[str, Any], run_dir: Path, quiet: bool, json_outp
     click.echo(f"report: {run_dir / 'report.html'}", err=True)
     click.echo(f"table:  {run_dir / 'examples.parquet'}", err=True)
     inconclusive = summary.get("inconclusive")
+    # A class the network never learned: no clean bill (an inconclusive run says it for all).
+    for finding in [] if inconclusive else summary.get("not_learned") or []:
+        click.echo(f"warning: {finding['finding']}", err=True)
     if inconclusive:  # the last line: the flags above are not to be trusted
         click.echo(f"audit inconclusive: {inconclusive['reason']}; do not act on these flags", err=True)
 
@@ -305,18 +322,20 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--gallery-size", type=click.IntRange(min=1), default=None, help="Flagged examples per page of the gallery; every flagged example can be paged to [default: the run's --gallery-size].")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def report(run_dir: Path, debug: bool) -> None:
+def report(run_dir: Path, gallery_size: int | None, debug: bool) -> None:
     """Re-render RUN_DIR/report.html from the run folder's files (no training).
 
     \b
     Example:
         minnorm-audit report reports/photos-20261127-101500
+        minnorm-audit report reports/photos-20261127-101500 --gallery-size 200
     """
     from .report.html import render_report
 
     try:
-        path = render_report(run_dir)
+        path = render_report(run_dir, gallery_size=gallery_size)
     except (OSError, ValueError, KeyError) as error:
         _fail(error, debug)
         return

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import pandas as pd
 import torch
 
 from . import __version__
+from .calibration import MIN_BALANCED_ACCURACY_GAIN, MIN_TRAINING_ACCURACY
 from .data import LoadedDataset
 from .report.parquet import (
     EXAMPLES_DESCRIPTIONS,
@@ -49,6 +51,17 @@ SCORED_STATE_TEXT = {
     "average": "the mean of the multipliers over those epochs",
     "final": "the multipliers after the last epoch",
 }
+# A class is "not learned" when fewer than this share of its examples are predicted as
+# their given label at the end of training (its training recall). Why this line: every
+# flag threshold is measured from the class's own examples (its median difficulty and
+# spread); below half, the class's median example is one the network got wrong, so a
+# wrong label has nothing to stand out from and the class's flags say nothing either
+# way (a real 6-class table: all 17 examples of a class unfitted, all flagged ok).
+# The run as a whole is inconclusive below the same share (calibration's
+# MIN_TRAINING_ACCURACY); this names the classes a conclusive run still failed on.
+NOT_LEARNED_RECALL = 0.5
+# An example is "fitted" within this much of its margin (Minnorm's fitted_tolerance).
+FITTED_TOLERANCE = 1e-3
 
 
 @dataclass
@@ -155,7 +168,75 @@ def training_fit(examples: pd.DataFrame, task: str) -> dict[str, float | None]:
         r2 = 1.0 - float(((given - predicted) ** 2).sum()) / spread if spread > 0 else None
         return {"train_r2": r2}
     margins = examples["margin"].to_numpy(dtype=np.float64)
-    return {"train_accuracy": float((margins > 0).mean()) if len(margins) else None}
+    if not len(margins):
+        return {"train_accuracy": None, "balanced_accuracy": None}
+    recall = (margins > 0).astype(np.float64)
+    per_class = pd.Series(recall).groupby(examples["given_label"].astype(str).to_numpy()).mean()
+    return {"train_accuracy": float(recall.mean()), "balanced_accuracy": float(per_class.mean())}
+
+
+def inconclusive_thresholds(class_count: int) -> dict[str, float]:
+    """The lines below which the audit is inconclusive (calibration.training_verdict):
+    training accuracy, and balanced accuracy (halfway from chance, 1 / classes, to 1)."""
+    chance = 1.0 / max(class_count, 1)
+    return {"train_accuracy": MIN_TRAINING_ACCURACY,
+            "balanced_accuracy": chance + MIN_BALANCED_ACCURACY_GAIN * (1.0 - chance)}
+
+
+def class_fit(examples: pd.DataFrame, class_names: list[str], margin: float) -> list[dict[str, Any]]:
+    """Per class (given label), how the trained network fits it and what was flagged.
+
+    Each row: ``class``, ``count``, the count per flag (``mislabeled``, ``hard``,
+    ``outlier``, ``ok``), ``training_recall`` (share of the class's examples predicted
+    as their given label at the end: ``margin > 0``; None for an empty class),
+    ``fraction_fitted`` (share at the training margin at the end, ``margin >= margin
+    setting - 1e-3``: the per-class, end-of-training twin of the diagnostics'
+    ``fraction_fitted``; under the norm term many examples end just short of it), ``predicted_as`` (the class its
+    examples are most often predicted as when not their own, or None) and
+    ``not_learned`` (training recall below :data:`NOT_LEARNED_RECALL`).
+    """
+    given = examples["given_label"].astype(str).to_numpy()
+    flags = examples["flag"].astype(str).to_numpy()
+    margins = examples["margin"].to_numpy(dtype=np.float64)
+    predicted = (examples["predicted_label"].astype(object).to_numpy() if "predicted_label" in examples
+                 else np.full(len(examples), None, dtype=object))
+    rows = []
+    for name in class_names:
+        mask = given == name
+        count = int(mask.sum())
+        recall = float((margins[mask] > 0).mean()) if count else None
+        others = pd.Series(predicted[mask & ~(margins > 0)]).dropna().astype(str)
+        others = others[others != name]
+        rows.append({
+            "class": name,
+            "count": count,
+            **{flag: int((flags[mask] == flag).sum()) for flag in FLAGS},
+            "training_recall": recall,
+            "fraction_fitted": float((margins[mask] >= margin - FITTED_TOLERANCE).mean()) if count else None,
+            "predicted_as": str(others.value_counts().index[0]) if len(others) else None,
+            "not_learned": recall is not None and recall < NOT_LEARNED_RECALL,
+        })
+    return rows
+
+
+def not_learned_findings(per_class: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The classes the network did not learn (``not_learned`` rows of
+    :func:`class_fit`) as findings: ``class``, ``count``, ``training_recall``,
+    ``predicted_as`` and ``finding``, one sentence."""
+    findings = []
+    for row in per_class:
+        if not row.get("not_learned"):
+            continue
+        instead = f", mostly predicted as {row['predicted_as']}" if row.get("predicted_as") else ""
+        findings.append({
+            "class": row["class"], "count": row["count"], "training_recall": row["training_recall"],
+            "predicted_as": row.get("predicted_as"),
+            "finding": (f"class {row['class']} not learned: its {row['count']} examples are not judged "
+                        f"(only {row['training_recall']:.0%} predicted as {row['class']} at the end of training"
+                        f"{instead}; below {NOT_LEARNED_RECALL:.0%}, a wrong label in it cannot stand out, so "
+                        "'ok' there is no clean bill)"),
+        })
+    return findings
 
 
 def run_config(result: FitResult, loaded: LoadedDataset, settings: AuditOptions) -> dict[str, Any]:
@@ -171,6 +252,10 @@ def run_config(result: FitResult, loaded: LoadedDataset, settings: AuditOptions)
         "requested_device": settings.train.device,
         "data_placement": result.data_placement,
         "world_size": result.world_size,
+        # The gallery's page size (report --gallery-size changes it), and the cores that
+        # cap the workers (audit.with_usable_workers).
+        "gallery_size": settings.gallery_size,
+        "cpu_cores": os.cpu_count() or 1,
     }
 
 
@@ -241,19 +326,13 @@ def build_summary(
     data (score_run.audit_verdict; the flags are then not to be trusted)."""
     # Every flag, zero counts included.
     counts = {flag: int((examples["flag"] == flag).sum()) for flag in FLAGS}
-    per_class = []
-    if loaded.task == "classification":
-        for name in loaded.class_names:
-            rows = examples[examples["given_label"] == name]
-            per_class.append(
-                {
-                    "class": name,
-                    "count": int(len(rows)),
-                    "mislabeled": int((rows["flag"] == "mislabeled").sum()),
-                    "hard": int((rows["flag"] == "hard").sum()),
-                    "outlier": int((rows["flag"] == "outlier").sum()),
-                }
-            )
+    classification = loaded.task == "classification"
+    per_class = class_fit(examples, loaded.class_names, float(config.get("margin", 1.0))) if classification else []
+    fit = {key: diagnostics[key] for key in ("train_accuracy", "balanced_accuracy", "train_r2", "fraction_fitted")
+           if key in diagnostics}
+    if classification:
+        fit["inconclusive_below"] = inconclusive_thresholds(len(loaded.class_names))
+        fit["not_learned_below"] = NOT_LEARNED_RECALL
     summary: dict[str, Any] = {
         "tool": "minnorm-audit",
         "version": __version__,
@@ -269,10 +348,12 @@ def build_summary(
         "inconclusive": inconclusive,
         "diagnostics": diagnostics,
         "history": result.history,
-        # train_accuracy (classification) or train_r2 (regression): see training_fit().
-        # fraction_fitted: share of examples at their margin at their last visit.
-        "fit": {key: diagnostics[key] for key in ("train_accuracy", "train_r2", "fraction_fitted")
-                if key in diagnostics},
+        # train_accuracy, balanced_accuracy (classification) or train_r2 (regression): see
+        # training_fit(); fraction_fitted: share of examples at their margin at their last
+        # visit; inconclusive_below: the lines calibration.training_verdict draws.
+        "fit": fit,
+        # Classes a conclusive run still did not learn (class_fit, NOT_LEARNED_RECALL).
+        "not_learned": not_learned_findings(per_class),
         # What the loader decided about the input (a saved index left out, values clipped, ...).
         "notes": list(loaded.notes),
         "timings": timings,

@@ -1,9 +1,15 @@
-"""Shared, seeded fixtures for the test suite."""
+"""Shared, seeded fixtures for the test suite.
+
+The report's tests read run folders written by the real writer: small real audits
+(``minnorm_audit.audit``), each trained once per session on first use and copied into
+a fresh folder for every test that asks, so a test that changes its folder changes
+nobody else's.
+"""
 
 from __future__ import annotations
 
-import io
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,237 +18,172 @@ import numpy as np
 import pandas as pd
 import pytest
 
-# --------------------------------------------------------------------------- report: synthetic run folders
+# --------------------------------------------------------------------------- report: real run folders
 
 HOSTILE_CLASS = "<img src=x onerror=alert(1)>"
 QUOTES_CLASS = "\"&'<>"
 REPORT_CLASSES = ["cat", "dog", HOSTILE_CLASS, QUOTES_CLASS, "bird"]
-SCRIPT_SOURCE = "dog/<script>alert(2)</script>.png"
+# A file name with markup in it (a path cannot hold "/", so no closing tag).
+SCRIPT_SOURCE = "dog/<script>alert(2).png"
+# The image run: per class this many images, two of them filed under the next class
+# (real flips), and BROKEN_FILES unreadable files spread over the classes: more than
+# the page's 200-row set-aside table shows, fewer than half of all files (the loader
+# stops on a mostly broken dataset).
+IMAGES_PER_CLASS = 40
+BROKEN_FILES = 205
+# The table run: three well-separated classes and a small fourth drawn from the first
+# one's distribution, which the network cannot tell apart from it (not learned).
+TABLE_PER_CLASS = 90
+NOT_LEARNED_CLASS = "d"
+NOT_LEARNED_SIZE = 12
 
 
-def _thumbnail_png(index: int, size: int = 32) -> bytes:
-    """A small, distinct RGB PNG (a coloured gradient with a diagonal stripe)."""
+def _colour_images(root: Path) -> dict[str, str]:
+    """Colour-coded 8x8 PNGs per class in ``root/<class>/``; returns {flipped source: true class}."""
     from PIL import Image
 
-    rng = np.random.default_rng(index)
-    base = rng.integers(40, 215, size=3)
-    ramp = np.linspace(-40, 40, size)
-    pixels = np.clip(base[None, None, :] + ramp[:, None, None] + ramp[None, :, None] * 0.5, 0, 255)
-    pixels = pixels.astype(np.uint8)
-    for offset in range(-2, 3):
-        diagonal = np.arange(max(0, -offset), min(size, size - offset))
-        pixels[diagonal, diagonal + offset] = 255 - base
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
+    rng = np.random.default_rng(0)
+    colours = [(200, 40, 40), (40, 40, 200), (40, 200, 40), (200, 200, 40), (40, 200, 200)]
+    for name in REPORT_CLASSES:
+        (root / name).mkdir(parents=True)
+    flips = {}
+    for position, (name, colour) in enumerate(zip(REPORT_CLASSES, colours)):
+        for index in range(IMAGES_PER_CLASS):
+            pixels = np.clip(np.array(colour)[None, None, :] + rng.normal(0, 20, (8, 8, 3)), 0, 255).astype(np.uint8)
+            folder = REPORT_CLASSES[(position + 1) % len(REPORT_CLASSES)] if index < 2 else name
+            file_name = f"{position}-{index:03d}.png"
+            if index < 2:
+                flips[f"{folder}/{file_name}"] = name
+            Image.fromarray(pixels).save(root / folder / file_name)
+    # One more flip, whose file name is markup: a cat filed as a dog (flagged, so shown).
+    Image.fromarray(np.full((8, 8, 3), colours[0], dtype=np.uint8)).save(root / SCRIPT_SOURCE)
+    flips[SCRIPT_SOURCE] = REPORT_CLASSES[0]
+    for index in range(BROKEN_FILES):
+        (root / REPORT_CLASSES[index % len(REPORT_CLASSES)] / f"broken-{index:04d}.png").write_bytes(b"")
+    return flips
 
 
-def build_run_folder(
-    folder: Path,
-    *,
-    task: str = "classification",
-    kind: str = "images",
-    num_examples: int = 400,
-    gallery_size: int = 24,
-    num_set_aside: int = 3,
-    class_names: list[str] | None = None,
-    with_multipliers: bool = True,
-    demo: bool = True,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Write a synthetic run folder with the report writers; returns its frames/summary.
-
-    Classification: about 6% of examples are flagged (2/3 of them mislabeled). One
-    gallery source contains ``<script>``; class names include markup.
-    """
-    from minnorm_audit.report import (
-        EXAMPLES_DESCRIPTIONS,
-        GALLERY_DESCRIPTIONS,
-        SET_ASIDE_DESCRIPTIONS,
-        write_json_atomic,
-        write_parquet_atomic,
-    )
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    regression = task == "regression"
-    classes = list(class_names or ([] if regression else REPORT_CLASSES))
-    count = num_examples
-
-    fitted = rng.random(count) < 0.7
-    difficulty = np.where(fitted, 0.0, rng.lognormal(mean=-1.0, sigma=1.2, size=count))
-    flagged_positions = np.argsort(-difficulty, kind="stable")[: max(1, int(round(0.06 * count)))]
-    threshold = float(difficulty[flagged_positions].min())
-    concentration = rng.uniform(0.2, 1.0, size=count)
-    flag = np.full(count, "ok", dtype=object)
-    is_flagged = (difficulty >= threshold) & (difficulty > 0)
+def _table_frame(*, regression: bool = False, rows_per_class: int = TABLE_PER_CLASS) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
     if regression:
-        flag[is_flagged] = "hard"
-    else:
-        flag[is_flagged & (concentration >= 0.5)] = "mislabeled"
-        flag[is_flagged & (concentration < 0.5)] = "hard"
-    ranks = pd.Series(difficulty).rank(method="average").to_numpy()
-    percentile = 100.0 * (ranks - 1) / max(count - 1, 1)
-    example_id = np.arange(count, dtype=np.int64)
+        features = rng.normal(size=(4 * rows_per_class, 6))
+        target = features @ rng.normal(size=6) + rng.normal(0, 0.1, len(features))
+        target[:3] += 25.0  # three wrong targets
+        frame = pd.DataFrame(features, columns=[f"feature_{j}" for j in range(5)] + ["<b>x</b>"])
+        frame["label"] = target
+        return frame
+    centres = rng.normal(0, 4, (3, 6))
+    parts, labels = [], []
+    for k, name in enumerate("abc"):
+        parts.append(centres[k] + rng.normal(0, 1, (rows_per_class, 6)))
+        labels += [name] * rows_per_class
+    parts.append(centres[0] + rng.normal(0, 1, (NOT_LEARNED_SIZE, 6)))
+    labels += [NOT_LEARNED_CLASS] * NOT_LEARNED_SIZE
+    frame = pd.DataFrame(np.vstack(parts), columns=[f"feature_{j}" for j in range(5)] + ["<b>x</b>"])
+    frame["label"] = labels
+    # Two flipped labels between the learned classes.
+    frame.loc[[0, rows_per_class], "label"] = ["b", "c"]
+    return frame
 
-    if kind == "table":
-        source = np.array([str(index) for index in range(count)], dtype=object)
-    else:
-        source = np.empty(count, dtype=object)
-    columns: dict[str, Any] = {"example_id": example_id}
-    if regression:
-        given_target = rng.normal(size=count)
-        columns.update(
-            source=source,
-            given_target=given_target,
-            predicted_target=given_target + np.where(is_flagged, rng.normal(0, 2, count), rng.normal(0, 0.05, count)),
-        )
-    else:
-        given_index = rng.integers(0, len(classes), size=count)
-        competing_index = (given_index + rng.integers(1, len(classes), size=count)) % len(classes)
-        given = np.array(classes, dtype=object)[given_index]
-        competing = np.array(classes, dtype=object)[competing_index]
-        suggested = np.where(flag == "mislabeled", competing, given)
-        columns.update(
-            source=source,
-            given_label=given,
-            suggested_label=suggested,
-            competing_label=competing,
-        )
-    if kind != "table":
-        folders = columns["given_label"] if not regression else ["images"] * count
-        source[:] = [f"{folder_name}/img_{index:06d}.png" for index, folder_name in enumerate(folders)]
-    columns.update(
-        difficulty=difficulty,
-        difficulty_percentile=percentile,
-        flag=flag,
-    )
-    if not regression:
-        columns["label_concentration"] = np.where(difficulty > 0, concentration, 0.0)
-        columns["margin"] = rng.normal(1.0, 0.5, size=count)
-        if with_multipliers:
-            mass = rng.random((count, len(classes))).astype(np.float32) * difficulty[:, None].astype(np.float32)
-            columns["class_multipliers"] = list(mass)
-    examples = pd.DataFrame(columns)
 
-    gallery_rows = examples.loc[examples["flag"] != "ok"].sort_values("difficulty", ascending=False).head(gallery_size)
-    gallery = gallery_rows[[c for c in GALLERY_DESCRIPTIONS if c in gallery_rows]].copy().reset_index(drop=True)
-    if kind != "table" and len(gallery):
-        gallery.loc[0, "source"] = SCRIPT_SOURCE
-        examples.loc[examples["example_id"] == gallery.loc[0, "example_id"], "source"] = SCRIPT_SOURCE
-    if kind == "table":
-        gallery["thumbnail_png"] = pd.Series([None] * len(gallery), dtype=object)
-        gallery["feature_values"] = [
-            json.dumps({f"feature_{j}": float(np.round(rng.normal(), 4)) for j in range(6)} | {"<b>x</b>": 1.5})
-            for _ in range(len(gallery))
-        ]
-    else:
-        gallery["thumbnail_png"] = [_thumbnail_png(int(i)) for i in gallery["example_id"]]
-        gallery["feature_values"] = pd.Series([None] * len(gallery), dtype=object)
+def _contents(folder: Path) -> dict[str, Any]:
+    """What a run folder holds, read back: its frames, summary and metadata."""
+    from minnorm_audit.report import read_metadata
 
-    set_aside = pd.DataFrame(
-        {
-            "source": [f"broken/file_{index:04d}.jpg" for index in range(num_set_aside)],
-            "reason": [("truncated image file" if index % 3 else "cannot identify image file") for index in range(num_set_aside)],
-        }
-    )
-
-    counts = {name: int((flag == name).sum()) for name in ("mislabeled", "hard", "ok")}
-    per_class = []
-    if not regression:
-        for name in classes:
-            mask = examples["given_label"] == name
-            per_class.append(
-                {
-                    "class": name,
-                    "count": int(mask.sum()),
-                    "mislabeled": int((mask & (examples["flag"] == "mislabeled")).sum()),
-                    "hard": int((mask & (examples["flag"] == "hard")).sum()),
-                }
-            )
-    diagnostics = {
-        "max_violation": 0.012,
-        "fraction_fitted": 0.996,
-        "multiplier_change": 0.004,
-        "rank_stability": 0.991,
-        "norm": 153.2,
-        "epochs": 12,
-        "scored_epoch": 11,
-        "stopping_rule": "rank_stability >= 0.99 for 2 evaluations",
+    return {
+        "examples": pd.read_parquet(folder / "examples.parquet"),
+        "gallery": pd.read_parquet(folder / "gallery.parquet"),
+        "set_aside": pd.read_parquet(folder / "set_aside.parquet"),
+        "summary": json.loads((folder / "summary.json").read_text(encoding="utf-8")),
+        "metadata": read_metadata(folder / "examples.parquet"),
     }
-    history = [
-        {
-            "epoch": epoch,
-            "max_violation": 2.0 * 0.6**epoch,
-            "fraction_fitted": 1 - 0.5 * 0.6**epoch,
-            "multiplier_change": 0.9**epoch if epoch else float("nan"),
-            "rank_stability": 1 - 0.4 * 0.7**epoch,
-            "norm": 100 + 5 * epoch,
-        }
-        for epoch in range(1, 13)
-    ]
-    summary: dict[str, Any] = {
-        "tool": "minnorm-audit",
-        "version": "0.1.0",
-        "data": "/data/<script>pets</script>",
-        "kind": kind,
-        "task": task,
-        "num_examples": count,
-        "num_set_aside": num_set_aside,
-        "class_names": classes,
-        "counts": counts,
-        "per_class": per_class,
-        "flag_rule": {
-            "difficulty_threshold": threshold,
-            "difficulty_threshold_method": "Otsu split of log(1 + difficulty)",
-            "concentration_threshold": 0.5,
-            "rule": "flagged when difficulty >= difficulty_threshold and difficulty > 0; "
-            "mislabeled when label_concentration >= concentration_threshold, else hard",
-        },
-        "diagnostics": diagnostics,
-        "history": history,
-        "timings": {"load_s": 1.25, "train_s": 40.5, "total_s": 42.0},
-        "config": {
-            "model": "cnn",
-            "epochs": 12,
-            "batch_size": 256,
-            "lr": 0.05,
-            "dual_lr": 0.1,
-            "damping": 0.5,
-            "seed": seed,
-            "device": "cpu",
-            "image_size": 32,
-        },
-    }
-    if demo and not regression:
-        summary["demo"] = {"noise_rate": 0.05, "num_flipped": 20, "precision": 0.85, "recall": 0.8}
-    metadata = {
-        "config": summary["config"],
-        "versions": {"minnorm_audit": "0.1.0", "torch": "2.x"},
-        "seed": seed,
-        "dataset_fingerprint": "sha256:0123abcd",
-        "diagnostics": diagnostics,
-        "class_names": classes,
-        "kind": kind,
-        "task": task,
-    }
-    write_parquet_atomic(folder / "examples.parquet", examples, descriptions=EXAMPLES_DESCRIPTIONS, metadata=metadata)
-    write_parquet_atomic(folder / "set_aside.parquet", set_aside, descriptions=SET_ASIDE_DESCRIPTIONS, metadata=metadata)
-    write_parquet_atomic(folder / "gallery.parquet", gallery, descriptions=GALLERY_DESCRIPTIONS, metadata=metadata)
-    write_json_atomic(folder / "summary.json", summary)
-    return {"examples": examples, "gallery": gallery, "set_aside": set_aside, "summary": summary, "metadata": metadata}
+
+
+class RealRuns:
+    """Real audits, each trained on first use (once per session): ``images`` (an image
+    folder with flips, markup in class and file names, unreadable files, and the
+    demo's figures added as ``minnorm-audit demo`` adds them), ``table`` (a table with
+    a class the network does not learn), ``regression`` and ``quiet`` (nothing
+    flagged)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.folders: dict[str, Path] = {}
+        self.flips: dict[str, str] = {}
+
+    def folder(self, kind: str) -> Path:
+        if kind not in self.folders:
+            self.folders[kind] = getattr(self, f"_{kind}")(self.root / kind)
+        return self.folders[kind]
+
+    def _images(self, base: Path) -> Path:
+        import minnorm_audit
+        from minnorm_audit.report import render_report, write_json_atomic
+
+        self.flips = _colour_images(base / "photos")
+        result = minnorm_audit.audit(base / "photos", out=base / "run", epochs=10, lr=0.01, batch_size=32,
+                                     image_size=8, device="cpu", gallery_size=24)
+        # As `minnorm-audit demo` does: its figures go into the summary, then the page.
+        result.summary["demo"] = {"noise_rate": 0.05, "num_flipped": 10, "num_flagged_mislabeled": 12,
+                                  "precision": 0.85, "recall": 0.8}
+        write_json_atomic(result.run_dir / "summary.json", result.summary)
+        render_report(result.run_dir)
+        return result.run_dir
+
+    def _table(self, base: Path) -> Path:
+        import minnorm_audit
+
+        base.mkdir(parents=True)
+        _table_frame().to_csv(base / "table.csv", index=False)
+        return minnorm_audit.audit(base / "table.csv", out=base / "run", device="cpu", epochs=20).run_dir
+
+    def _regression(self, base: Path) -> Path:
+        import minnorm_audit
+
+        base.mkdir(parents=True)
+        _table_frame(regression=True, rows_per_class=30).to_csv(base / "houses.csv", index=False)
+        return minnorm_audit.audit(base / "houses.csv", out=base / "run", task="regression", device="cpu",
+                                   epochs=10).run_dir
+
+    def _quiet(self, base: Path) -> Path:
+        import minnorm_audit
+
+        base.mkdir(parents=True)
+        rng = np.random.default_rng(2)
+        frame = pd.DataFrame(rng.normal(size=(80, 3)), columns=["a", "b", "c"])
+        frame["label"] = np.where(frame["a"] > 0, "pos", "neg")
+        frame.to_csv(base / "quiet.csv", index=False)
+        # A threshold no difficulty reaches: nothing is flagged.
+        return minnorm_audit.audit(base / "quiet.csv", out=base / "run", device="cpu", epochs=2, threshold=1e9,
+                                   gallery_size=0).run_dir
 
 
 @pytest.fixture(scope="session")
-def make_run_folder(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, dict[str, Any]]]:
-    """Factory: ``make_run_folder(name="run", **options)`` -> (folder, contents).
+def real_runs(tmp_path_factory: pytest.TempPathFactory) -> RealRuns:
+    return RealRuns(tmp_path_factory.mktemp("real-runs"))
 
-    Writes a synthetic run folder (see :func:`build_run_folder`) in a fresh temporary
-    folder on every call; session-scoped so module-scoped fixtures can use it too.
+
+@pytest.fixture(scope="session")
+def make_run_folder(real_runs: RealRuns,
+                    tmp_path_factory: pytest.TempPathFactory) -> Callable[..., tuple[Path, dict[str, Any]]]:
+    """Factory: ``make_run_folder(name="run", kind="images")`` -> (folder, contents).
+
+    A fresh copy of one of :class:`RealRuns`' run folders (``kind``: ``images``,
+    ``table``, ``regression`` or ``quiet``) named ``name``, and what it holds
+    (``examples``, ``gallery``, ``set_aside``, ``summary``, ``metadata``); with
+    ``demo=False`` the demo's figures are taken out of the summary. Session-scoped so
+    module-scoped fixtures can use it too.
     """
+    from minnorm_audit.report import write_json_atomic
 
-    def make(name: str = "run", **options: Any) -> tuple[Path, dict[str, Any]]:
+    def make(name: str = "run", kind: str = "images", *, demo: bool = True) -> tuple[Path, dict[str, Any]]:
         folder = tmp_path_factory.mktemp("runs") / name
-        return folder, build_run_folder(folder, **options)
+        shutil.copytree(real_runs.folder(kind), folder)
+        (folder / "report.html").unlink(missing_ok=True)
+        if not demo:
+            summary = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+            summary.pop("demo", None)
+            write_json_atomic(folder / "summary.json", summary)
+        return folder, _contents(folder)
 
     return make

@@ -56,6 +56,9 @@ def test_blockwise_scoring_equals_scoring_from_full_arrays(tmp_path, monkeypatch
     result = fitted[0]
     assert result.final_multipliers is None and result.mean_violations is None and result.final_outputs is None
     assert result.final_margins is not None and result.final_margins.shape == (len(labels),)
+    # The predicted class comes from the margin pass too; the frames below compare it.
+    assert result.final_predicted is not None and result.final_predicted.dtype == np.int64
+    assert "predicted_label" in blocks.examples
     pd.testing.assert_frame_equal(blocks.examples, whole.examples)
     # Not a vacuous comparison: the run found the flips.
     top = np.argsort(-whole.examples["difficulty"].to_numpy())[: len(flipped)]
@@ -70,3 +73,12 @@ def test_class_multipliers_column_is_left_out_above_its_class_limit(tmp_path, mo
     written = pd.read_parquet(tmp_path / "run" / "examples.parquet")
     assert "class_multipliers" not in written.columns
     assert {"difficulty", "flag", "suggested_label", "margin"} <= set(written.columns)
+
+
+def test_predicted_classes_of_single_and_multi_output():
+    import torch
+
+    from minnorm_audit.training import predicted_classes
+
+    assert predicted_classes(torch.tensor([[0.3], [-0.2], [0.0]])).tolist() == [1, 0, 0]
+    assert predicted_classes(np.array([[0.1, 0.5, -1.0], [2.0, 0.0, 1.0]])).tolist() == [1, 0]

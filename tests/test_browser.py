@@ -79,10 +79,15 @@ def driver(webdriver_module: Any, tmp_path_factory: pytest.TempPathFactory) -> I
         browser.quit()
 
 
+# Gallery page size in the browser tests: a real run with more flagged examples than a
+# page holds.
+PAGE_SIZE = 4
+
+
 @pytest.fixture(scope="module")
 def report(make_run_folder: Any) -> tuple[Path, dict[str, Any]]:
-    folder, contents = make_run_folder("browser-run", num_examples=600, gallery_size=30)
-    return render_report(folder), contents
+    folder, contents = make_run_folder("browser-run")
+    return render_report(folder, gallery_size=PAGE_SIZE), contents
 
 
 def _open(driver: Any, page: Path) -> str:
@@ -115,7 +120,10 @@ def test_report_loads_offline_and_cleanly(driver: Any, report: tuple[Path, dict[
         "return Array.from(document.images).map(function (image) {"
         "  return {src: image.src.slice(0, 22), complete: image.complete, width: image.naturalWidth}; });"
     )
-    assert len(images) == len(contents["gallery"]) > 0
+    gallery = contents["gallery"]
+    with_thumbnails = min(PAGE_SIZE, int((gallery["flag"] != "outlier").sum())) + \
+        min(PAGE_SIZE, int((gallery["flag"] == "outlier").sum()))
+    assert len(images) == with_thumbnails > 0
     for image in images:
         assert image["src"] == "data:image/png;base64,"
         assert image["complete"] and image["width"] > 0, image
@@ -151,61 +159,101 @@ def test_hostile_class_name_is_text_and_runs_nothing(driver: Any, report: tuple[
         driver.switch_to.alert  # noqa: B018 - the property raises when no alert is open
     body = driver.find_element(By.TAG_NAME, "body").text
     assert HOSTILE_CLASS in body
-    assert "<script>alert(2)</script>" in body  # a source path, shown as text
+    # A file named like a script tag: on some page of the gallery, as text.
+    from conftest import SCRIPT_SOURCE
+
+    for _ in range(100):
+        if SCRIPT_SOURCE in [card.get_attribute("data-source")
+                             for card in driver.find_elements(By.CSS_SELECTOR, "#gallery-items .item")]:
+            break
+        driver.find_element(By.CSS_SELECTOR, '.pager[data-section="gallery"] .page-next').click()
+    card = next(card for card in driver.find_elements(By.CSS_SELECTOR, "#gallery-items .item")
+                if card.get_attribute("data-source") == SCRIPT_SOURCE)
+    assert card.find_element(By.CSS_SELECTOR, ".source").text == SCRIPT_SOURCE
     assert driver.execute_script("return document.querySelectorAll('img:not(.thumb)').length") == 0
-    assert driver.execute_script("return document.scripts.length") == 1
+    # Our script and the gallery's JSON (not run: its type is application/json).
+    assert driver.execute_script(
+        "return Array.from(document.scripts).map(function (s) { return s.type; }).sort().join(',')") == ",application/json"
     # The name is visible on screen in the per-class table.
     cells = [cell for cell in driver.find_elements(By.CSS_SELECTOR, "#classes td.name") if cell.text == HOSTILE_CLASS]
     assert cells and cells[0].is_displayed()
     assert _severe(driver) == []
 
 
-def test_gallery_filter(driver: Any, report: tuple[Path, dict[str, Any]]) -> None:
+def test_gallery_pages_filters_and_keeps_decisions(driver: Any, report: tuple[Path, dict[str, Any]]) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
     page, contents = report
-    gallery = contents["gallery"]
+    examples = contents["examples"]
+    flagged = examples[examples["flag"].isin(["mislabeled", "hard"])].sort_values("difficulty", ascending=False)
+    total = len(flagged)
+    assert total > 2 * PAGE_SIZE  # more flagged examples than a page holds
     _open(driver, page)
-    items = driver.find_elements(By.CSS_SELECTOR, "#gallery-items .item")
-    assert len(items) == len(gallery)
     assert driver.find_element(By.ID, "gallery-controls").is_displayed()
-
-    def visible() -> list[Any]:
-        return [item for item in items if item.is_displayed()]
-
     status = driver.find_element(By.ID, "gallery-status")
-    assert len(visible()) == len(gallery)
-    assert status.text == f"Showing {len(gallery)} of {len(gallery)}"
+    pager = driver.find_element(By.CSS_SELECTOR, '.pager[data-section="gallery"]')
+    next_button = pager.find_element(By.CSS_SELECTOR, ".page-next")
+    previous_button = pager.find_element(By.CSS_SELECTOR, ".page-prev")
+    pages = -(-total // PAGE_SIZE)
 
+    def cards() -> list[Any]:
+        return driver.find_elements(By.CSS_SELECTOR, "#gallery-items .item")
+
+    def sources() -> list[str]:
+        return [card.get_attribute("data-source") for card in cards()]
+
+    # Every flagged example, most difficult first, a page at a time.
+    assert status.text == f"Showing 1\u2013{PAGE_SIZE} of {total} \u00b7 page 1 of {pages}"
+    assert pager.is_displayed() and not previous_button.is_enabled()
+    seen = []
+    for number in range(pages):
+        assert len(cards()) == min(PAGE_SIZE, total - number * PAGE_SIZE)
+        seen += sources()
+        if number < pages - 1:
+            next_button.click()
+    assert seen == flagged["source"].tolist()
+    assert not next_button.is_enabled()
+    assert status.text.endswith(f"page {pages} of {pages}")
+    # Past the stored thumbnails the cards say so instead of showing one.
+    stored = int((contents["gallery"]["flag"] != "outlier").sum())
+    if total > stored:
+        assert cards()[-1].find_element(By.CSS_SELECTOR, ".nothumb").text == "no thumbnail stored"
+
+    # A decision on the last page survives paging away and back, and counts.
+    last = cards()[0]
+    source = last.get_attribute("data-source")
+    last.find_element(By.CSS_SELECTOR, "button.drop").click()
+    for _ in range(pages - 1):
+        previous_button.click()
+    assert source not in sources()
+    for _ in range(pages - 1):
+        next_button.click()
+    again = next(card for card in cards() if card.get_attribute("data-source") == source)
+    assert again.find_element(By.CSS_SELECTOR, "button.drop").get_attribute("aria-pressed") == "true"
+    assert driver.find_element(By.ID, "review-status").text == "1 decision: 0 keep, 1 drop, 0 relabel"
+    driver.find_element(By.ID, "review-clear").click()
+
+    # Filters apply to the whole list, not only to the page shown.
     flag_filter = Select(driver.find_element(By.ID, "filter-flag"))
-    for flag in ("mislabeled", "hard"):
-        flag_filter.select_by_value(flag)
-        expected = int((gallery["flag"] == flag).sum())
-        assert 0 < expected < len(gallery)
-        shown = visible()
-        assert len(shown) == expected
-        assert {item.get_attribute("data-flag") for item in shown} == {flag}
-        hidden = [item for item in items if item.get_attribute("hidden") is not None]
-        assert len(hidden) == len(gallery) - expected
-        assert status.text == f"Showing {expected} of {len(gallery)}"
-
-    class_filter = Select(driver.find_element(By.ID, "filter-class"))
-    flag_filter.select_by_value("")
-    class_filter.select_by_value(HOSTILE_CLASS)
-    involved = (gallery["given_label"] == HOSTILE_CLASS) | (gallery["suggested_label"] == HOSTILE_CLASS)
-    assert len(visible()) == int(involved.sum()) > 0
-
     flag_filter.select_by_value("mislabeled")
-    both = involved & (gallery["flag"] == "mislabeled")
-    assert len(visible()) == int(both.sum())
-    assert driver.find_element(By.ID, "gallery-empty").is_displayed() == (int(both.sum()) == 0)
-
+    mislabeled = flagged[flagged["flag"] == "mislabeled"]
+    assert status.text.startswith(f"Showing 1\u2013{min(PAGE_SIZE, len(mislabeled))} of {len(mislabeled)} matching")
+    assert {card.get_attribute("data-flag") for card in cards()} == {"mislabeled"}
+    suggested = mislabeled["suggested_label"].iloc[0]
+    Select(driver.find_element(By.ID, "filter-suggested")).select_by_value(suggested)
+    expected = mislabeled[mislabeled["suggested_label"] == suggested]
+    assert sources() == expected["source"].head(PAGE_SIZE).tolist()
+    Select(driver.find_element(By.ID, "filter-suggested")).select_by_value("")
     flag_filter.select_by_value("")
+    class_filter = Select(driver.find_element(By.ID, "filter-class"))
+    class_filter.select_by_value(HOSTILE_CLASS)
+    involved = flagged[(flagged["given_label"] == HOSTILE_CLASS) | (flagged["suggested_label"] == HOSTILE_CLASS)]
+    assert sources() == involved["source"].head(PAGE_SIZE).tolist()
     class_filter.select_by_value("")
-    assert len(visible()) == len(gallery)
+    Select(driver.find_element(By.ID, "sort-order")).select_by_value("asc")
+    assert sources() == flagged["source"].iloc[::-1].head(PAGE_SIZE).tolist()
     assert _severe(driver) == []
-
 
 
 # --------------------------------------------------------------------------- review loop
@@ -320,3 +368,27 @@ def test_review_decisions_download_and_feed_clean(driver: Any, audited_photos: A
     manifest = pd.read_csv(out, dtype=str, keep_default_na=False).set_index("source")
     assert manifest.loc[target, "label"] == HOSTILE_CLASS and others[0] not in manifest.index
     assert hashlib.sha256(b"".join(path.read_bytes() for path in sorted(root.rglob("*.png")))).hexdigest() == data_before
+
+
+def test_not_learned_class_and_plain_summary_on_screen(driver: Any, make_run_folder: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    from conftest import NOT_LEARNED_CLASS
+
+    folder, contents = make_run_folder("browser-table", kind="table")
+    _open(driver, render_report(folder))
+    plain = driver.find_element(By.ID, "plain-summary")
+    assert plain.is_displayed()
+    counts = contents["summary"]["counts"]
+    assert f"{len(contents['examples'])} examples, {counts['mislabeled']} look mislabeled" in plain.text
+    assert "Next step:" in plain.text
+    finding = driver.find_element(By.CSS_SELECTOR, f'.not-learned[data-class="{NOT_LEARNED_CLASS}"]')
+    assert finding.is_displayed()
+    assert finding.text.startswith(f"Class {NOT_LEARNED_CLASS} not learned: its")
+    # Beside the verdict, above the fold: the fit figures with the inconclusive lines.
+    figures = driver.find_element(By.ID, "fit-figures")
+    assert figures.is_displayed() and "inconclusive below 50%" in figures.text
+    assert figures.location["y"] < 1000
+    row = driver.find_element(By.CSS_SELECTOR, f'#per-class tr[data-class="{NOT_LEARNED_CLASS}"]')
+    assert "not learned: not judged" in row.text.lower()
+    assert _severe(driver) == []

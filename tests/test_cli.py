@@ -158,3 +158,108 @@ def test_demo_catches_flipped_labels_in_a_real_subprocess(tmp_path):
     assert summary["demo"]["num_flipped"] == 180
     assert summary["demo"]["precision"] >= 0.8 and summary["demo"]["recall"] >= 0.7
     assert "precision" in completed.stdout
+
+
+# --------------------------------------------------------------------------- issue 23: CLI and install
+
+
+def _package_env() -> dict[str, str]:
+    """The environment of a child Python that imports this checkout's package."""
+    root = str(Path(__file__).resolve().parent.parent)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
+
+def test_version_and_help_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from minnorm_audit.cli import main\n"
+        "for arguments in (['--version'], ['run', '-h'], ['report', '-h']):\n"
+        "    try:\n"
+        "        main(arguments, prog_name='minnorm-audit')\n"
+        "    except SystemExit as stop:\n"
+        "        assert stop.code == 0, (arguments, stop.code)\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch')\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                               env=_package_env())
+    assert completed.returncode == 0, completed.stderr
+    assert "minnorm-audit, version" in completed.stdout
+    assert completed.stdout.strip().splitlines()[-1] == "no torch"
+
+
+def test_public_names_resolve_lazily_and_stay_functions():
+    import types
+
+    import minnorm_audit
+    import minnorm_audit.audit  # noqa: F401 - the submodules of the same name as the functions
+    import minnorm_audit.clean  # noqa: F401
+
+    assert isinstance(minnorm_audit.audit, types.FunctionType)
+    assert isinstance(minnorm_audit.clean, types.FunctionType)
+    assert minnorm_audit.DataError.__name__ == "DataError"
+    assert set(minnorm_audit.__all__) <= set(dir(minnorm_audit))
+    with pytest.raises(AttributeError):
+        minnorm_audit.not_a_name  # noqa: B018
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:0", "CUDA:3", "mps"])
+def test_device_option_accepts_cuda_index(name):
+    from minnorm_audit.cli import DeviceName
+
+    assert DeviceName().convert(name, None, None) == name.lower()
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "cpu:1", "cuda:-1"])
+def test_device_option_refuses_other_names(table, tmp_path, name):
+    result = CliRunner().invoke(main, ["run", str(table), "--out", str(tmp_path / "r"), "--device", name, "--quiet"])
+    assert result.exit_code == 2 and "is not a device" in result.output and "cuda:N" in result.output
+
+
+def test_cuda_index_past_the_gpus_is_one_clear_line(table, tmp_path):
+    import torch
+
+    beyond = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    result = CliRunner().invoke(main, ["run", str(table), "--out", str(tmp_path / "r"), "--epochs", "1", "--quiet",
+                                       "--device", f"cuda:{beyond}"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    expected = "numbered from 0" if torch.cuda.is_available() else "no CUDA GPU is available"
+    assert expected in result.output and f"cuda:{beyond}" in result.output
+
+
+def test_progress_bar_in_a_terminal_and_not_in_a_pipe(table, tmp_path):
+    import pty
+
+    primary, secondary = pty.openpty()  # a terminal nobody sized: 0 x 0, as under `script`
+    command = [sys.executable, "-m", "minnorm_audit", "run", str(table), "--out", str(tmp_path / "tty"),
+               "--epochs", "2", "--device", "cpu"]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary,
+                               env=_package_env())
+    os.close(secondary)
+    written = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        written += chunk
+    assert process.wait(timeout=300) == 0, written.decode(errors="replace")
+    os.close(primary)
+    text = written.decode(errors="replace")
+    assert "minnorm: 100%" in text and "2/2" in text, text
+    piped = CliRunner().invoke(main, ["run", str(table), "--out", str(tmp_path / "pipe"), "--epochs", "2",
+                                      "--device", "cpu"])
+    assert piped.exit_code == 0, piped.output
+    assert "minnorm:" not in piped.output and "epoch/s" not in piped.output
+
+
+def test_report_gallery_size_option(table, tmp_path):
+    out = tmp_path / "run"
+    runner = CliRunner()
+    assert runner.invoke(main, ["run", str(table), "--out", str(out), *FAST, "--flag-fraction", "0.2"]).exit_code == 0
+    result = runner.invoke(main, ["report", str(out), "--gallery-size", "5"])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert '"pageSize":5' in page and page.count('<article class="item') <= 10
+    assert runner.invoke(main, ["report", str(out), "--gallery-size", "0"]).exit_code == 2

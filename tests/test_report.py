@@ -10,6 +10,7 @@ import json
 import math
 import os
 import re
+import shlex
 from importlib import resources
 from pathlib import Path
 
@@ -34,11 +35,9 @@ from minnorm_audit.report import (
 from minnorm_audit.report import html as report_html
 from minnorm_audit.report import parquet as report_parquet
 
-# The synthetic run (tests/conftest.py) uses these class names and one gallery source
-# with a script tag in it.
-HOSTILE_CLASS = "<img src=x onerror=alert(1)>"
-QUOTES_CLASS = "\"&'<>"
-REPORT_CLASSES = ["cat", "dog", HOSTILE_CLASS, QUOTES_CLASS, "bird"]
+# The real image run (tests/conftest.py) uses these class names and one file whose
+# name is a script tag.
+from conftest import HOSTILE_CLASS, NOT_LEARNED_CLASS, QUOTES_CLASS, REPORT_CLASSES, SCRIPT_SOURCE
 
 # --------------------------------------------------------------------------- helpers
 
@@ -108,11 +107,12 @@ def test_hostile_names_are_escaped(image_page: str) -> None:
     assert "<img src=x onerror" not in page
     assert "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "<script>alert(2)" not in page
-    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in page
-    assert "<script>pets" not in page
+    assert "&lt;script&gt;alert(2).png" in page  # the file name, in the first page's cards
+    assert "\\u003cscript\\u003ealert(2).png" in page  # and in the gallery's JSON
     assert "&#34;&amp;&#39;&lt;&gt;" in page  # the class named "&'<>
-    # Our own inline script is the only script element.
-    assert len(re.findall(r"<script\b", page, re.I)) == 1
+    # Our own inline script is the only script that runs; the other is the gallery's data.
+    assert len(re.findall(r"<script\b", page, re.I)) == 2
+    assert len(re.findall(r'<script type="application/json" id="gallery-data">', page)) == 1
     # Parsed as a browser would: no event-handler attribute, no image but the thumbnails.
     tags = _parse_tags(page)
     assert not [(tag, name) for tag, attributes in tags for name, _ in attributes if name.startswith("on")]
@@ -140,8 +140,10 @@ def test_no_external_urls_and_csp(image_page: str) -> None:
 def test_thumbnails_are_png_data_uris(image_run, image_page: str) -> None:
     _, contents = image_run
     sources = re.findall(r'<img class="thumb" src="([^"]+)"', image_page)
-    assert len(sources) == len(contents["gallery"]) > 0
-    for source, expected in zip(sources, contents["gallery"]["thumbnail_png"]):
+    gallery = contents["gallery"]
+    shown = gallery[gallery["flag"] != "outlier"].head(24)
+    assert len(sources) == len(shown) + int((gallery["flag"] == "outlier").head(24).sum()) > 0
+    for source, expected in zip(sources, shown["thumbnail_png"]):
         assert source.startswith("data:image/png;base64,")
         assert base64.b64decode(source.split(",", 1)[1]) == expected
     assert "image-rendering: pixelated" in image_page
@@ -173,12 +175,16 @@ def test_counts_match_the_frames(image_run, image_page: str) -> None:
     for name in REPORT_CLASSES:
         in_class = examples["given_label"] == name
         escaped = html_lib.escape(name, quote=True).replace("&#x27;", "&#39;").replace("&quot;", "&#34;")
-        row = re.search(rf'<tr data-class="{re.escape(escaped)}"><td class="name">[^<]*</td>((?:<td class="num">[^<]*</td>)+)', image_page)
+        row = re.search(rf'<tr data-class="{re.escape(escaped)}"><td class="name">[^<]*</td>((?:<td class="num[^"]*">[^<]*</td>)+)', image_page)
         assert row, name
-        cells = re.findall(r'<td class="num">([^<]*)</td>', row.group(1))
+        cells = re.findall(r'<td class="num[^"]*">([^<]*)</td>', row.group(1))
         assert int(cells[0].replace(",", "")) == int(in_class.sum())
-        assert int(cells[1]) == int((in_class & (examples["flag"] == "mislabeled")).sum())
-        assert int(cells[3]) == int((in_class & (examples["flag"] == "hard")).sum())
+        recall = float((examples.loc[in_class, "margin"] > 0).mean())
+        assert cells[1] == f"{100 * recall:.1f}%"
+        for position, flag in ((3, "mislabeled"), (4, "hard"), (5, "outlier")):
+            assert int(cells[position]) == int((in_class & (examples["flag"] == flag)).sum())
+    headers = re.findall(r"<th[^>]*>([^<]*)</th>", image_page.split('id="per-class"', 1)[1].split("</thead>", 1)[0])
+    assert len(headers) == len(set(headers)) and "Outliers" in headers
     assert "The run's files disagree" not in image_page
 
 
@@ -197,9 +203,10 @@ def test_label_pair_table_counts(image_run, image_page: str) -> None:
 
 def test_demo_precision_recall_and_rule(image_page: str) -> None:
     assert "precision 85.0%" in image_page and "recall 80.0%" in image_page
-    assert "Otsu split of log(1 + difficulty)" in image_page
-    assert "rank_stability &gt;= 0.99 for 2 evaluations" in image_page  # stopping rule
-    assert "How to read this page" in image_page
+    assert "per class (class_thresholds)" in image_page
+    assert "fixed budget of 10 epochs" in image_page  # stopping rule
+    # Plain words first, the method below the gallery.
+    assert image_page.index('id="plain-summary"') < image_page.index('id="gallery"') < image_page.index('id="how-it-scores"')
     assert image_page.count("<svg") == 2  # distribution + convergence history
 
 
@@ -209,16 +216,17 @@ def test_no_demo_section_without_demo(make_run_folder) -> None:
     assert 'id="demo"' not in page
 
 
-def test_set_aside_rows_are_capped(make_run_folder) -> None:
-    folder, _ = make_run_folder("many-broken", num_set_aside=450)
-    page = _render(folder)
-    section = page.split('id="set-aside"', 1)[1].split("</section>", 1)[0]
-    assert section.count("broken/file_") == report_html.SET_ASIDE_MAX_ROWS
-    assert "and 250 more" in section
+def test_set_aside_rows_are_capped(image_run, image_page: str) -> None:
+    _, contents = image_run
+    hidden = len(contents["set_aside"]) - report_html.SET_ASIDE_MAX_ROWS
+    assert hidden > 0
+    section = image_page.split('id="set-aside"', 1)[1].split("</section>", 1)[0]
+    assert section.count("/broken-") == report_html.SET_ASIDE_MAX_ROWS
+    assert f"and {hidden} more" in section
 
 
 def test_regression_run_has_no_label_tables(make_run_folder) -> None:
-    folder, contents = make_run_folder("regression", task="regression", kind="table")
+    folder, contents = make_run_folder("regression", kind="regression")
     page = _render(folder)
     assert 'id="classes"' not in page and 'id="pairs"' not in page
     assert 'data-count="mislabeled"' not in page
@@ -235,15 +243,13 @@ def test_table_run_shows_feature_rows_escaped(make_run_folder) -> None:
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
 
 
-def test_empty_gallery_and_no_threshold(make_run_folder) -> None:
-    folder, contents = make_run_folder("quiet", gallery_size=0, num_set_aside=0)
-    summary = json.loads((folder / "summary.json").read_text())
-    summary["flag_rule"]["difficulty_threshold"] = float("inf")
-    write_json_atomic(folder / "summary.json", summary)
+def test_nothing_flagged(make_run_folder) -> None:
+    folder, contents = make_run_folder("quiet", kind="quiet")
+    assert (contents["examples"]["flag"] == "ok").all() and len(contents["set_aside"]) == 0
     page = _render(folder)
     assert "No example was flagged." in page
     assert "Nothing was set aside" in page
-    assert "no threshold" in page
+    assert "nothing was flagged; nothing to review" in page
 
 
 def test_disagreeing_summary_is_reported(fresh_image_run) -> None:
@@ -257,15 +263,28 @@ def test_disagreeing_summary_is_reported(fresh_image_run) -> None:
 
 
 def test_page_size_is_bounded_for_a_million_examples(make_run_folder) -> None:
-    folder, contents = make_run_folder(
-        "large", num_examples=1_000_000, gallery_size=60, num_set_aside=500, with_multipliers=False, demo=False
-    )
-    assert len(contents["gallery"]) == 60
+    # The real image run's examples repeated to a million rows (a tenth of them flagged
+    # mislabeled), written and summed up as the writer does.
+    folder, contents = make_run_folder("large", demo=False)
+    examples = contents["examples"].drop(columns=["class_multipliers"])
+    repeats = -(-1_000_000 // len(examples))
+    large = pd.concat([examples] * repeats, ignore_index=True).head(1_000_000)
+    large["example_id"] = np.arange(len(large), dtype=np.int64)
+    large.loc[large.index % 10 == 0, "flag"] = "mislabeled"
+    write_parquet_atomic(folder / "examples.parquet", large, descriptions=EXAMPLES_DESCRIPTIONS,
+                         metadata=contents["metadata"])
+    summary = contents["summary"]
+    summary["num_examples"] = len(large)
+    summary["counts"] = {flag: int((large["flag"] == flag).sum()) for flag in summary["counts"]}
+    write_json_atomic(folder / "summary.json", summary)
     page = _render(folder)
     size = len(page.encode("utf-8"))
     assert size < 5 * 1024 * 1024, size
-    assert page.count('<article class="item') == 60
+    assert page.count('<article class="item') == 24  # the first page (the run's --gallery-size)
     assert 'data-count="examples">1,000,000<' in page
+    flagged = int((large["flag"].isin(["mislabeled", "hard"])).sum())
+    assert f"the {report_html.FLAGGED_LIST_MAX:,} most difficult can be paged through here" in page
+    assert f"All {flagged:,} flagged" in page
 
 
 def test_build_report_html_from_run_files(fresh_image_run) -> None:
@@ -291,7 +310,7 @@ def test_load_run_reads_everything(image_run) -> None:
     assert run.summary["num_examples"] == len(contents["examples"])
     assert list(run.set_aside.columns) == ["source", "reason"]
     assert len(run.gallery) == len(contents["gallery"])
-    assert run.metadata["class_names"] == REPORT_CLASSES
+    assert run.metadata["class_names"] == sorted(REPORT_CLASSES)
     assert run.task == "classification"
     only = load_run(folder, example_columns=["difficulty", "flag", "not_a_column"])
     assert list(only.examples.columns) == ["difficulty", "flag"]
@@ -349,7 +368,7 @@ def test_parquet_descriptions_and_metadata_round_trip(image_run) -> None:
 def test_every_contract_column_has_a_description() -> None:
     classification = {
         "example_id", "source", "given_label", "suggested_label", "competing_label", "difficulty",
-        "difficulty_percentile", "flag", "label_concentration", "margin", "class_multipliers",
+        "difficulty_percentile", "flag", "label_concentration", "margin", "predicted_label", "class_multipliers",
     }  # fmt: skip
     assert classification | {"given_target", "predicted_target"} <= set(EXAMPLES_DESCRIPTIONS)
     assert {"source", "reason"} == set(SET_ASIDE_DESCRIPTIONS)
@@ -497,3 +516,141 @@ def test_format_number() -> None:
     assert report_html.format_percent(0.1234) == "12.3%"
     assert report_html.format_count(1000) == "1,000"
 
+
+
+# --------------------------------------------------------------------------- what a QA person reads first
+
+
+def _fit_cell(page: str, name: str) -> tuple[str, str]:
+    row = re.search(rf'<tr data-fit="{name}"><td>[^<]*</td><td class="num">([^<]*)</td><td class="line">([^<]*)</td>',
+                    page)
+    assert row, name
+    return row.group(1), row.group(2)
+
+
+def test_fit_figures_and_thresholds_beside_a_conclusive_verdict(image_run, image_page: str) -> None:
+    _, contents = image_run
+    fit = contents["summary"]["fit"]
+    assert contents["summary"]["inconclusive"] is None
+    value, line = _fit_cell(image_page, "train_accuracy")
+    assert value == f"{100 * fit['train_accuracy']:.1f}%" and line == "inconclusive below 50%"
+    value, line = _fit_cell(image_page, "balanced_accuracy")
+    # Five classes: halfway from chance (20%) to 1.
+    assert value == f"{100 * fit['balanced_accuracy']:.1f}%" and line == "inconclusive below 60.0%"
+    assert fit["inconclusive_below"] == {"train_accuracy": 0.5, "balanced_accuracy": pytest.approx(0.6)}
+    assert _fit_cell(image_page, "fraction_fitted")[0] == f"{100 * fit['fraction_fitted']:.1f}%"
+
+
+def test_plain_words_summary_and_next_step(image_run, image_page: str) -> None:
+    _, contents = image_run
+    counts = contents["summary"]["counts"]
+    plain = re.sub(r"<[^>]+>", "", image_page.split('id="plain-summary"', 1)[1].split("</div>", 1)[0])
+    plain = " ".join(html_lib.unescape(plain).split())
+    assert f"{contents['summary']['num_examples']} examples, {counts['mislabeled']} look mislabeled" in plain
+    assert f"Next step: review the {counts['mislabeled']} likely mislabeled examples" in plain
+    assert "expect about" not in plain  # the flag rule gives no estimate in this run
+    assert "minnorm-audit clean " in plain
+    # Solver words stay in "How it scores".
+    for word in ("Lagrange", "multiplier", "spread"):
+        assert word not in plain
+
+
+def test_expected_real_errors_are_read_from_the_flag_rule(fresh_image_run) -> None:
+    folder, contents = fresh_image_run
+    summary = contents["summary"]
+    summary["flag_rule"]["expected_errors_among_flagged"] = 7.6
+    write_json_atomic(folder / "summary.json", summary)
+    page = html_lib.unescape(re.sub(r"<[^>]+>", "", _render(folder)))
+    assert "expect about 8 of them to be real label errors, the rest ambiguous" in " ".join(page.split())
+
+
+def test_a_class_not_learned_is_a_finding_not_a_clean_bill(make_run_folder) -> None:
+    folder, contents = make_run_folder("not-learned", kind="table")
+    summary, examples = contents["summary"], contents["examples"]
+    assert summary["inconclusive"] is None  # the run as a whole is conclusive
+    rows = examples[examples["given_label"] == NOT_LEARNED_CLASS]
+    recall = float((rows["margin"] > 0).mean())
+    assert recall < 0.5
+    # predicted_label: the given label exactly where the margin is above 0.
+    assert ((examples["predicted_label"] == examples["given_label"]) == (examples["margin"] > 0)).all()
+    assert (rows["predicted_label"] != NOT_LEARNED_CLASS).mean() > 0.5
+    [finding] = summary["not_learned"]
+    assert finding["class"] == NOT_LEARNED_CLASS and finding["count"] == len(rows)
+    assert finding["training_recall"] == pytest.approx(recall)
+    assert finding["finding"].startswith(f"class {NOT_LEARNED_CLASS} not learned: its {len(rows)} examples are not judged")
+    per_class = {row["class"]: row for row in summary["per_class"]}
+    assert per_class[NOT_LEARNED_CLASS]["not_learned"] and per_class[NOT_LEARNED_CLASS]["training_recall"] == recall
+    assert not any(row["not_learned"] for name, row in per_class.items() if name != NOT_LEARNED_CLASS)
+    for row in per_class.values():
+        in_class = examples["given_label"] == row["class"]
+        assert row["outlier"] == int((in_class & (examples["flag"] == "outlier")).sum())
+    page = _render(folder)
+    assert f"Class {NOT_LEARNED_CLASS} not learned: its {len(rows)} examples are not judged." in page
+    row = re.search(rf'<tr data-class="{NOT_LEARNED_CLASS}" class="not-learned">.*?</tr>', page, re.S)
+    assert row and "not learned: not judged" in row.group(0)
+    # Not-learned classes head the table.
+    assert page.split('id="per-class"', 1)[1].index(f'data-class="{NOT_LEARNED_CLASS}"') < \
+        page.split('id="per-class"', 1)[1].index('data-class="a"')
+
+
+def test_settings_show_what_the_run_used(image_run, image_page: str) -> None:
+    _, contents = image_run
+    config, diagnostics = contents["summary"]["config"], contents["summary"]["diagnostics"]
+    section = html_lib.unescape(image_page.split('id="settings"', 1)[1])
+    cap = report_html.format_number(diagnostics["max_multiplier"])
+    assert f"<td>multiplier_cap</td><td>C = {cap} (1 \u00d7 the 90th percentile" in section
+    assert config["damping"] is None and "<td>damping</td><td>2 \u00d7 dual_lr = 0.02</td>" in section
+    assert config["workers"] <= config["cpu_cores"] == (os.cpu_count() or 1)
+    assert f"<td>workers</td><td>{config['workers']} (at most the {config['cpu_cores']} CPU cores)</td>" in section
+    assert "not used by the verdict" in section.split('data-key="fraction_fitted"', 1)[1].split("</tr>", 1)[0]
+
+
+def test_header_and_review_command_name_the_run_folder_that_resolves(
+    image_run, image_page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from minnorm_audit.cli import main
+
+    folder, contents = image_run
+    assert f'run folder <span class="mono" id="run-path">{folder.resolve()}</span>' in image_page
+    assert " run run" not in image_page
+    command = html_lib.unescape(re.search(r'<code id="review-command">([^<]*)</code>', image_page).group(1))
+    decisions = tmp_path / "decisions.csv"
+    decisions.write_text("source,decision,label\n")
+    # Run as printed, from a directory that is neither the run's nor its parent.
+    monkeypatch.chdir(tmp_path)
+    arguments = shlex.split(command.replace("FILE", str(decisions)))
+    assert arguments[:2] == ["minnorm-audit", "clean"]
+    result = CliRunner().invoke(main, arguments[1:] + ["--quiet"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cleaned.csv").is_file()
+
+
+def test_cards_say_how_hard_in_words(image_page: str) -> None:
+    assert "(top " not in image_page
+    assert re.search(r"\(harder than \d+(\.\d)?% of examples\)", image_page)
+
+
+def test_tick_labels_tell_a_narrow_range_apart() -> None:
+    from minnorm_audit.report import plots
+
+    difficulty = np.linspace(1.0, 1.06, 200)
+    svg = plots._difficulty_plot_svg(difficulty, np.array(["ok"] * 200), None)
+    labels = re.findall(r'text-anchor="middle" dominant-baseline="hanging"[^>]*>([^<]+)</text>', svg)
+    assert len(labels) >= 3 and len(set(labels)) == len(labels), labels
+    assert plots._tick_labels([0.0, 0.5, 1.0]) == ["0", "0.5", "1"]  # 2 digits still when they suffice
+
+
+def test_gallery_size_sets_the_page_and_every_flagged_example_is_listed(make_run_folder) -> None:
+    folder, contents = make_run_folder("paged")
+    examples = contents["examples"]
+    flagged = examples[examples["flag"].isin(["mislabeled", "hard"])].sort_values("difficulty", ascending=False)
+    page = render_report(folder, gallery_size=3).read_text(encoding="utf-8")
+    data = json.loads(re.search(r'<script type="application/json" id="gallery-data">(.*?)</script>', page, re.S).group(1))
+    assert data["pageSize"] == 3
+    listed = data["sections"]["gallery"]["items"]
+    assert [item["s"] for item in listed] == flagged["source"].tolist()
+    assert len(flagged) > 3 and page.count('<article class="item') == 3 + min(3, int((examples["flag"] == "outlier").sum()))
+    with pytest.raises(ValueError, match="gallery_size"):
+        render_report(folder, gallery_size=0)

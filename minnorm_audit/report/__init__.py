@@ -3,7 +3,7 @@
 Modules:
 
 - ``parquet``: the atomic writers, the column descriptions and the reader (:func:`load_run`).
-- ``html``: renders ``report.html`` from a run folder's files alone.
+- ``html``: renders ``report.html`` from a run folder's files alone; ``gallery``: its flagged examples, paged in the page.
 - ``plots``: the page's plots (difficulty histogram, convergence history), written directly as inline SVG.
 - ``formatting``: number formats (the page's jinja filters) and the flag order, shared by ``html`` and ``plots``.
 """

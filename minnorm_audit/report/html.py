@@ -13,10 +13,10 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import shlex
+from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,12 @@ from .formatting import (
     format_number,
     format_percent,
 )
+from .gallery import DEFAULT_PAGE_SIZE, FLAGGED_LIST_MAX, GALLERY_MAX_ITEMS, _gallery_context, _int_or_none
 from .parquet import REPORT_FILE, RunFiles, atomic_write_text, load_run
 from .plots import _difficulty_plot_svg, _history_plot_svg
 
 __all__ = [
+    "FLAGGED_LIST_MAX",
     "GALLERY_MAX_ITEMS",
     "LABEL_PAIRS_MAX_ROWS",
     "SET_ASIDE_MAX_ROWS",
@@ -48,13 +50,16 @@ __all__ = [
 
 SET_ASIDE_MAX_ROWS = 200
 LABEL_PAIRS_MAX_ROWS = 20
-GALLERY_MAX_ITEMS = 500
 TEMPLATE_NAME = "report.html.j2"
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Columns of examples.parquet the page needs; the rest (per-class multipliers, ...)
 # is never read, so a large run stays cheap to render.
 REPORT_EXAMPLE_COLUMNS = (
+    "example_id",
+    "source",
+    "competing_label",
+    "difficulty_percentile",
+    "margin",
     "difficulty",
     "flag",
     "given_label",
@@ -68,7 +73,7 @@ REPORT_EXAMPLE_COLUMNS = (
 # --------------------------------------------------------------------------- public API
 
 
-def render_report(run_dir: str | os.PathLike[str]) -> Path:
+def render_report(run_dir: str | os.PathLike[str], *, gallery_size: int | None = None) -> Path:
     """Render ``report.html`` into a run folder from the folder's own files.
 
     Parameters
@@ -76,22 +81,30 @@ def render_report(run_dir: str | os.PathLike[str]) -> Path:
     run_dir : path-like
         A folder holding ``examples.parquet``, ``summary.json``, ``set_aside.parquet``
         and ``gallery.parquet``.
+    gallery_size : int, optional
+        Flagged examples per page of the gallery (every flagged example, up to
+        :data:`FLAGGED_LIST_MAX`, can be paged to); default: the run's
+        ``--gallery-size``, else 60. Only the examples in ``gallery.parquet`` have a
+        thumbnail or feature row.
 
     Returns
     -------
     Path
         The written ``report.html`` (replaced atomically).
     """
+    if gallery_size is not None and gallery_size < 1:
+        raise ValueError(f"gallery_size must be at least 1, got {gallery_size}")
     run = load_run(run_dir, example_columns=REPORT_EXAMPLE_COLUMNS)
-    page = build_report_html(run)
+    page = build_report_html(run, gallery_size=gallery_size)
     return atomic_write_text(Path(run_dir) / REPORT_FILE, page)
 
 
-def build_report_html(run: RunFiles) -> str:
-    """The report page for ``run`` as one self-contained HTML string."""
+def build_report_html(run: RunFiles, *, gallery_size: int | None = None) -> str:
+    """The report page for ``run`` as one self-contained HTML string (``gallery_size``:
+    see :func:`render_report`)."""
     environment = _shared_environment()
     script = _asset_text("report.js")
-    context = _report_context(run)
+    context = _report_context(run, gallery_size)
     context.update(
         css=Markup(_asset_text("report.css")),
         script=Markup(script),
@@ -111,7 +124,8 @@ def make_environment() -> Environment:
         lstrip_blocks=True,
         keep_trailing_newline=True,
     )
-    environment.filters.update(count=format_count, number=format_number, percent=format_percent)
+    environment.filters.update(count=format_count, number=format_number, percent=format_percent,
+                               sentence=lambda text: str(text)[:1].upper() + str(text)[1:])
     return environment
 
 
@@ -139,7 +153,7 @@ def _asset_text(name: str) -> str:
     return (resources.files("minnorm_audit.report") / "templates" / name).read_text(encoding="utf-8")
 
 
-def _report_context(run: RunFiles) -> dict[str, Any]:
+def _report_context(run: RunFiles, gallery_size: int | None = None) -> dict[str, Any]:
     summary = run.summary
     examples = run.examples
     regression = run.task == "regression"
@@ -153,6 +167,16 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
     flag_rule = dict(summary.get("flag_rule") or {})
     threshold = _finite_or_none(flag_rule.get("difficulty_threshold"))
     difficulty = examples["difficulty"].to_numpy(dtype=np.float64) if "difficulty" in examples else np.array([])
+    config = summary.get("config") or {}
+    diagnostics = summary.get("diagnostics") or {}
+    # The run folder as a path that resolves from anywhere: the review command is run
+    # from wherever the reviewer is, not from where `run` was called.
+    run_path = str(Path(run.run_dir).resolve())
+    inconclusive = _inconclusive(summary.get("inconclusive"))
+    # (An inconclusive run is not judged as a whole: its verdict says so once, for every class.)
+    not_learned = [] if inconclusive else [dict(finding) for finding in summary.get("not_learned") or []
+                                           if isinstance(finding, Mapping)]
+    expected = _finite_or_none(flag_rule.get("expected_errors_among_flagged"))
 
     context: dict[str, Any] = {
         "title": f"minnorm-audit report: {summary.get('data', run.run_dir.name)}",
@@ -160,48 +184,46 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
         "data_path": str(summary.get("data", "")),
         "tool_version": str(summary.get("version", "")),
         "run_name": run.run_dir.name,
+        "run_path": run_path,
+        "review_command": f"minnorm-audit clean {shlex.quote(run_path)} --decisions FILE --out cleaned.csv",
         "kind": str(summary.get("kind") or run.metadata.get("kind") or ""),
         "task": run.task,
         "regression": regression,
         "num_examples": num_examples,
         "num_set_aside": num_set_aside,
         "counts": counts,
+        "num_flagged": num_examples - counts["ok"],
         "num_classes": len(class_names),
         "warnings": _consistency_warnings(summary, num_examples, num_set_aside, counts),
         "demo": _demo(summary.get("demo")),
         # A network that has not learned the data: the flags are not to be trusted.
-        "inconclusive": _inconclusive(summary.get("inconclusive")),
+        "inconclusive": inconclusive,
+        # Classes a conclusive run did not learn: their examples are not judged.
+        "not_learned": not_learned,
+        # The lead's flag rule may estimate how many of the flagged are real label errors.
+        "expected_errors": None if expected is None else max(0, int(round(expected))),
+        "fit": _fit_figures(summary, regression),
         "flag_rule": flag_rule,
         "threshold": threshold,
         "num_zero_difficulty": int((difficulty == 0).sum()),
         "difficulty_plot": Markup(_difficulty_plot_svg(difficulty, flags.to_numpy(), threshold)),
-        "history_plot": Markup(_history_plot_svg(summary.get("history") or [], summary.get("diagnostics") or {})),
-        "diagnostics": _rows(summary.get("diagnostics") or {}),
-        "cap": _cap(summary.get("diagnostics") or {}),
+        "history_plot": Markup(_history_plot_svg(summary.get("history") or [], diagnostics)),
+        "diagnostics": _diagnostic_rows(diagnostics),
+        "cap": _cap(diagnostics),
         # What the loader decided about the input (summary.json "notes"), shown under Set aside.
         "input_notes": [str(note) for note in summary.get("notes") or []],
         "timings": _rows(summary.get("timings") or {}),
-        "config": _rows(summary.get("config") or {}),
-        "provenance": _provenance_rows(run.metadata, skip=set(summary.get("config") or {})),
+        "config": _settings_rows(config, diagnostics, str(summary.get("kind") or "")),
+        "provenance": _provenance_rows(run.metadata, skip=set(config)),
     }
 
     if regression or "given_label" not in examples:
         context.update(per_class=[], label_pairs=[], num_label_pairs=0)
     else:
-        context.update(_label_tables(examples, class_names))
+        context.update(_label_tables(examples, class_names, summary.get("per_class") or []))
 
-    gallery = run.gallery
-    flagged = gallery["flag"].astype(str) if "flag" in gallery else pd.Series([], dtype=str)
-    context["gallery_total"] = int((flagged != "outlier").sum())
-    gallery = gallery.head(GALLERY_MAX_ITEMS)
-    all_items = [_gallery_item(row, regression) for row in gallery.to_dict("records")]
-    # Outliers get their own section: they belong to no class, so "given vs suggested"
-    # and the class filter mean nothing for them.
-    items = [item for item in all_items if item["flag"] != "outlier"]
-    context["outlier_gallery"] = [item for item in all_items if item["flag"] == "outlier"]
-    context["gallery"] = items
-    context["gallery_flags"] = [flag for flag in FLAGS if any(item["flag"] == flag for item in items)]
-    context["gallery_classes"] = _gallery_classes(items, class_names)
+    page_size = gallery_size or _int_or_none(config.get("gallery_size")) or DEFAULT_PAGE_SIZE
+    context.update(_gallery_context(run, regression, class_names, max(1, page_size)))
     # Review: every class can be a new label (none in regression, which has no classes).
     context["review_classes"] = [] if regression else class_names
 
@@ -220,6 +242,27 @@ def _report_context(run: RunFiles) -> dict[str, Any]:
         else []
     )
     return context
+
+
+def _fit_figures(summary: Mapping[str, Any], regression: bool) -> dict[str, Any]:
+    """How well the network fits the given labels, with the lines the inconclusive
+    verdict draws (summary.json ``fit``; older folders: the diagnostics)."""
+    fit = dict(summary.get("fit") or {})
+    diagnostics = summary.get("diagnostics") or {}
+    for key in ("train_accuracy", "balanced_accuracy", "fraction_fitted", "train_r2"):
+        if fit.get(key) is None and diagnostics.get(key) is not None:
+            fit[key] = diagnostics[key]
+    below = fit.get("inconclusive_below") if isinstance(fit.get("inconclusive_below"), Mapping) else {}
+    return {
+        "train_accuracy": _finite_or_none(fit.get("train_accuracy")),
+        "balanced_accuracy": _finite_or_none(fit.get("balanced_accuracy")),
+        "fraction_fitted": _finite_or_none(fit.get("fraction_fitted")),
+        "train_r2": _finite_or_none(fit.get("train_r2")),
+        "accuracy_below": _finite_or_none(below.get("train_accuracy")),
+        "balanced_below": _finite_or_none(below.get("balanced_accuracy")),
+        "not_learned_below": _finite_or_none(fit.get("not_learned_below")),
+        "regression": regression,
+    }
 
 
 def _inconclusive(value: Any) -> dict[str, str] | None:
@@ -255,34 +298,46 @@ def _consistency_warnings(
     return warnings
 
 
-def _label_tables(examples: pd.DataFrame, class_names: Sequence[str]) -> dict[str, Any]:
+def _label_tables(
+    examples: pd.DataFrame, class_names: Sequence[str], fit_rows: Sequence[Any] = ()
+) -> dict[str, Any]:
+    """The per-class table (counts from examples.parquet; training recall, share fitted
+    and the not-learned verdict from summary.json's ``per_class``) and the given ->
+    suggested pairs."""
     given = examples["given_label"].astype(str)
     flags = examples["flag"].astype(str)
     table = pd.crosstab(given, flags)
     for flag in FLAGS:
         if flag not in table:
             table[flag] = 0
+    fits = {str(row.get("class")): row for row in fit_rows if isinstance(row, Mapping)}
     order = list(class_names) + sorted(set(table.index) - set(class_names))
     per_class = []
     for position, name in enumerate(order):
-        if name in table.index:
-            row = table.loc[name]
-            count = int(row.sum())
-            mislabeled, hard = int(row["mislabeled"]), int(row["hard"])
-        else:
-            count = mislabeled = hard = 0
+        found = {flag: int(table.loc[name, flag]) if name in table.index else 0 for flag in FLAGS}
+        count = sum(found.values())
+        fit = fits.get(name, {})
+        flagged = found["mislabeled"] + found["hard"] + found["outlier"]
         per_class.append(
             {
                 "name": name,
                 "count": count,
-                "mislabeled": mislabeled,
-                "hard": hard,
-                "mislabeled_rate": mislabeled / count if count else 0.0,
-                "hard_rate": hard / count if count else 0.0,
+                **found,
+                "flagged": flagged,
+                "mislabeled_rate": found["mislabeled"] / count if count else 0.0,
+                "hard_rate": found["hard"] / count if count else 0.0,
+                "outlier_rate": found["outlier"] / count if count else 0.0,
+                "flagged_rate": flagged / count if count else 0.0,
+                "recall": _finite_or_none(fit.get("training_recall")),
+                "fitted": _finite_or_none(fit.get("fraction_fitted")),
+                "predicted_as": fit.get("predicted_as"),
+                "not_learned": bool(fit.get("not_learned")),
                 "position": position,
             }
         )
-    per_class.sort(key=lambda row: (-row["mislabeled_rate"], -row["hard_rate"], row["position"]))
+    # Classes not learned first (their flags say nothing), then by share flagged mislabeled.
+    per_class.sort(key=lambda row: (not row["not_learned"], -row["mislabeled_rate"], -row["flagged_rate"],
+                                    row["position"]))
 
     mislabeled = examples.loc[flags == "mislabeled"]
     pairs: list[dict[str, Any]] = []
@@ -305,61 +360,56 @@ def _label_tables(examples: pd.DataFrame, class_names: Sequence[str]) -> dict[st
                     "share_of_given": int(count) / int(class_counts.get(given_label, 0) or 1),
                 }
             )
-    max_rate = max((row["mislabeled_rate"] + row["hard_rate"] for row in per_class), default=0.0)
+    max_rate = max((row["flagged_rate"] for row in per_class), default=0.0)
     return {"per_class": per_class, "per_class_max_rate": max_rate, "label_pairs": pairs, "num_label_pairs": num_pairs}
 
 
-def _gallery_item(row: Mapping[str, Any], regression: bool) -> dict[str, Any]:
-    thumbnail = row.get("thumbnail_png")
-    thumbnail_uri = None
-    if isinstance(thumbnail, (bytes, bytearray, memoryview)) and bytes(thumbnail[:8]) == PNG_SIGNATURE:
-        thumbnail_uri = "data:image/png;base64," + base64.b64encode(bytes(thumbnail)).decode("ascii")
-    features: list[tuple[str, str]] | None = None
-    features_raw = None
-    raw = row.get("feature_values")
-    if isinstance(raw, str) and raw:
-        try:
-            parsed = json.loads(raw)
-        except json.JSONDecodeError:
-            features_raw = raw
-        else:
-            if isinstance(parsed, Mapping):
-                features = [(str(name), format_number(value)) for name, value in parsed.items()]
+# What the diagnostics mean, beside their figures on the page.
+DIAGNOSTIC_NOTES = {
+    "train_accuracy": "share of examples whose largest output is the given label at the end of training "
+                      "(the verdict reads this)",
+    "balanced_accuracy": "the same per class, averaged over the classes (the verdict reads this)",
+    "fraction_fitted": "share with the given label ahead by the full training margin at its last visit in training; "
+                       "under the norm term most examples end just short of the margin while still predicted "
+                       "right, so this is lower than train_accuracy and not used by the verdict",
+    "max_multiplier": "C, the cap every multiplier is boxed to",
+    "fraction_at_cap": "share of examples pushed with the full force C",
+}
+
+
+def _diagnostic_rows(diagnostics: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """(name, value, what it means) for the convergence table."""
+    return [(str(key), format_number(value), DIAGNOSTIC_NOTES.get(str(key), "")) for key, value in diagnostics.items()]
+
+
+def _settings_rows(config: Mapping[str, Any], diagnostics: Mapping[str, Any], kind: str) -> list[tuple[str, str]]:
+    """The run's settings as it used them: the cap C actually applied (not only its
+    factor), the damping actually used, the workers actually started."""
+    rows = []
+    for key, value in config.items():
+        text = format_number(value)
+        if key == "multiplier_cap":
+            cap = _finite_or_none(diagnostics.get("max_multiplier"))
+            if value is None:
+                text = "none (hard margin: --no-multiplier-cap)"
+            elif cap is not None:
+                text = (f"C = {format_number(cap)} ({format_number(value)} \u00d7 the 90th percentile of the examples' "
+                        "largest multipliers, set after the first epoch)")
             else:
-                features_raw = raw
-    item = {
-        "example_id": _int_or_none(row.get("example_id")),
-        "source": _text(row.get("source")),
-        "flag": _text(row.get("flag")),
-        "difficulty": _finite_or_none(row.get("difficulty")),
-        "percentile": _finite_or_none(row.get("difficulty_percentile")),
-        "thumbnail": thumbnail_uri,
-        "features": features,
-        "features_raw": features_raw,
-        "given": _text(row.get("given_label")),
-        "suggested": _text(row.get("suggested_label")),
-        "competing": _text(row.get("competing_label")),
-    }
-    if regression:
-        given_target = _finite_or_none(row.get("given_target"))
-        predicted_target = _finite_or_none(row.get("predicted_target"))
-        item.update(
-            given_target=given_target,
-            predicted_target=predicted_target,
-            residual=None if given_target is None or predicted_target is None else predicted_target - given_target,
-        )
-    return item
-
-
-def _gallery_classes(items: Iterable[Mapping[str, Any]], class_names: Sequence[str]) -> list[dict[str, Any]]:
-    involved: dict[str, int] = {}
-    for item in items:
-        for name in {item["given"], item["suggested"]}:
-            if name:
-                involved[name] = involved.get(name, 0) + 1
-    order = [name for name in class_names if name in involved]
-    order += sorted(set(involved) - set(order))
-    return [{"name": name, "count": involved[name]} for name in order]
+                text = f"{format_number(value)} \u00d7 the 90th percentile of the examples' largest multipliers"
+        elif key == "damping" and value is None:
+            dual_lr = _finite_or_none(config.get("dual_lr"))
+            text = "2 \u00d7 dual_lr" + (f" = {format_number(2 * dual_lr)}" if dual_lr is not None else "")
+        elif key == "workers":
+            cores = _int_or_none(config.get("cpu_cores"))
+            if kind == "table":
+                text = "none needed (a table is not decoded)"
+            elif cores is not None:
+                text = f"{format_number(value)} (at most the {cores} CPU cores)"
+        elif key == "cpu_cores":
+            continue
+        rows.append((str(key), text))
+    return rows
 
 
 def _cap(diagnostics: Mapping[str, Any]) -> dict[str, float] | None:
@@ -389,16 +439,3 @@ def _provenance_rows(metadata: Mapping[str, Any], *, skip: set[str]) -> list[tup
             else:
                 rows.append((key, format_number(value)))
     return rows
-
-
-def _text(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    return str(value)
-
-
-def _int_or_none(value: Any) -> int | None:
-    try:
-        return None if value is None or pd.isna(value) else int(value)
-    except (TypeError, ValueError):
-        return None

@@ -99,6 +99,10 @@ EXAMPLES_DESCRIPTIONS: dict[str, str] = {
         "spread evenly over the other classes, 1 all on one."
     ),
     "margin": "Output for the given label minus the best other output, at the end of training.",
+    "predicted_label": (
+        "The class the trained network predicts for the example at the end of training (its largest "
+        "output); equal to given_label exactly when margin > 0."
+    ),
     "class_multipliers": (
         "Final multiplier per class, in the order of class_names in the metadata (written for "
         "up to 100 classes)."

@@ -97,6 +97,19 @@ def _plain(value: float) -> str:
     return text.replace("-", MINUS)
 
 
+def _tick_labels(values: Sequence[float]) -> list[str]:
+    """Labels for a row of ticks: :func:`_plain` (2 significant digits) when that tells
+    every tick apart, else as many significant digits as it takes (a narrow range such
+    as 1.00-1.06 would otherwise read "1 1 1 1")."""
+    labels = [_plain(value) for value in values]
+    digits = 3
+    while len(set(labels)) < len(labels) and digits <= 12:
+        labels = [_plain(value) if value == int(value) and abs(value) < 1e15 else f"{value:.{digits}g}".replace("-", MINUS)
+                  for value in values]
+        digits += 1
+    return labels
+
+
 # --------------------------------------------------------------------------- drawing
 
 
@@ -144,14 +157,14 @@ def _frame(canvas: _Canvas, x: _Scale, y: _Scale, *, y_ticks: Sequence[float], y
     for index, value in enumerate(y_ticks):
         position = y(value)
         canvas.line(left - 3.5, position, left, position, TEXT, 0.8)
-        canvas.text(left - 5.5, position, (y_labels or [_plain(v) for v in y_ticks])[index], size=label_size,
+        canvas.text(left - 5.5, position, (y_labels or _tick_labels(y_ticks))[index], size=label_size,
                     anchor="end", baseline="central")
     for value in y_minor:
         canvas.line(left - 2, y(value), left, y(value), TEXT, 0.6)
     for index, value in enumerate(x_ticks):
         position = x(value)
         canvas.line(position, bottom, position, bottom + 3.5, TEXT, 0.8)
-        canvas.text(position, bottom + 5.5, (x_labels or [_plain(v) for v in x_ticks])[index], size=label_size,
+        canvas.text(position, bottom + 5.5, (x_labels or _tick_labels(x_ticks))[index], size=label_size,
                     anchor="middle", baseline="hanging")
 
 

@@ -26,7 +26,7 @@ from .config import (
 from .distributed import DistributedContext, is_main_process, teardown
 from .fit import cap_multipliers, check_finite, fit, train_one_epoch
 from .models import Standardize, build_model, build_streamed_model
-from .predict import autocast_context, output_margins, predict
+from .predict import autocast_context, output_margins, predict, predicted_classes
 from .setup import resolve_device
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "load_checkpoint",
     "output_margins",
     "predict",
+    "predicted_classes",
     "read_run_settings",
     "resolve_device",
     "teardown",

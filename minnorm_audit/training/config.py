@@ -4,13 +4,16 @@ score states, and the errors fit() raises."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..minnorm import Minnorm
+# TrainConfig lives in options.py, which imports nothing heavy (the command line reads
+# its defaults without importing torch); re-exported here.
+from ..options import TrainConfig
 
 
 class TrainingError(RuntimeError):
@@ -24,47 +27,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         super().__init__(f"interrupted in epoch {epoch + 1}")
         self.epoch = epoch
         self.checkpoint_path = checkpoint_path
-
-
-@dataclass
-class TrainConfig:
-    """Settings of one Minnorm training run (every field lands in the report).
-
-    The defaults are the ones ``benchmarks/label_noise.py`` was run with.
-    ``epochs=None`` is the default budget: :func:`default_epochs` for the network
-    (an audit resolves it before training; ``fit`` alone takes ``DEFAULT_EPOCHS``).
-    """
-
-    epochs: int | None = None
-    batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    dual_lr: float = 0.01
-    damping: float | None = None
-    margin: float = 1.0
-    seed: int = 0
-    device: str = "auto"
-    deterministic: bool = False
-    # Which state the scores are read from, and the soft-margin cap that keeps that
-    # state informative: see SCORE_STATES below and fit.cap_multipliers().
-    score_state: str = "violation"
-    multiplier_cap: float | None = 1.0
-    # Data placement (data/'s batch sources): decoded data above this many GiB is not
-    # held in memory (None: half of what is available); workers decode streamed images.
-    max_memory_gb: float | None = None
-    workers: int = 4
-    # Multiplier store (minnorm.choose_store): "auto" keeps the dense table while all
-    # per-example state fits multiplier_memory_gb, else the top-k "compact" store.
-    multiplier_store: str = "auto"
-    multiplier_slots: int | None = None
-    multiplier_memory_gb: float = 1.0
-    # The resume checkpoint is rewritten once this many seconds have passed since the
-    # last write (0: after every epoch), after the last epoch, and when training stops
-    # early (Ctrl-C, divergence): then with the state of the last finished epoch.
-    checkpoint_seconds: float = 60.0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # Which state of the multipliers is scored. Chosen on the TUNING part of the
@@ -155,6 +117,8 @@ class FitResult:
     mean_violations: np.ndarray | None = None
     # Classification: given-label output minus the best other output, per example.
     final_margins: np.ndarray | None = None
+    # Classification: the class predicted for each example at the end (its largest output).
+    final_predicted: np.ndarray | None = None
     # The trained Minnorm, read by state_rows() when the arrays above were not built.
     minnorm: Minnorm | None = field(default=None, repr=False)
 

@@ -51,7 +51,7 @@ from .config import (
     TrainingError,
     TrainingInterrupted,
 )
-from .predict import autocast_context, output_margins, predict
+from .predict import autocast_context, output_margins, predict, predicted_classes
 from .setup import make_minnorm, resolve_device, seed_everything, uses_channels_last
 
 # FitResult holds full examples x outputs arrays up to this many elements (256 MB each
@@ -404,9 +404,11 @@ def finish(run: TrainingRun, train_seconds: float) -> FitResult:
             None if run.form == "equality"
             else output_margins(torch.from_numpy(final_outputs), run.targets.cpu()).numpy()
         )
+        final_predicted = None if run.form == "equality" else predicted_classes(final_outputs)
     else:
         final_outputs = None
-        final_margins = predict(run.model, run.source, run.config.batch_size, run.context, margins_for=run.targets)
+        final_margins, final_predicted = predict(run.model, run.source, run.config.batch_size, run.context,
+                                                 margins_for=run.targets, with_predicted=True)
     run.source.close()
     labels = None if run.form == "equality" else run.targets.detach().cpu().numpy().astype(np.int64)
     return FitResult(
@@ -415,6 +417,7 @@ def finish(run: TrainingRun, train_seconds: float) -> FitResult:
         labels=labels,
         final_outputs=final_outputs,
         final_margins=final_margins,
+        final_predicted=final_predicted,
         minnorm=run.optimizer,
         history=run.history,
         epochs_run=len(run.history),
@@ -433,8 +436,16 @@ def _dense_state(run: TrainingRun, state: str, dense_result: bool) -> np.ndarray
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):  # type: ignore[no-untyped-def]
+    """A tqdm bar over the epochs on stderr, or None; it stays on screen after the last
+    epoch. Its size comes from shutil.get_terminal_size, which falls back to 80 x 24
+    where the terminal reports 0 x 0 (a pty nobody sized: ``script``, ``docker exec -t``,
+    some CI runners): there tqdm's own guess is -1 rows and it draws nothing at all."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    import shutil
 
-    return tqdm(total=total, initial=initial, desc="minnorm", unit="epoch", file=sys.stderr, leave=False)
+    from tqdm import tqdm
+
+    size = shutil.get_terminal_size()
+    return tqdm(total=total, initial=initial, desc="minnorm", unit="epoch", file=sys.stderr, leave=True,
+                ncols=size.columns, nrows=size.lines)

@@ -33,6 +33,15 @@ def output_margins(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return own - others
 
 
+def predicted_classes(outputs: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The class each example is predicted as, int64 ``(n,)``: the largest output
+    (binary single output: class 1 when the output is above 0)."""
+    values = torch.as_tensor(outputs).reshape(len(outputs), -1)
+    if values.shape[1] == 1:
+        return (values[:, 0] > 0).long().cpu().numpy()
+    return values.argmax(dim=1).cpu().numpy().astype(np.int64)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module,
@@ -41,10 +50,13 @@ def predict(
     context: distributed.DistributedContext | None = None,
     *,
     margins_for: torch.Tensor | None = None,
-) -> np.ndarray:
+    with_predicted: bool = False,
+) -> Any:
     """Network outputs for every example, as float32 numpy (batch-wise, eval mode);
     with ``margins_for`` (the labels) only each example's margin (:func:`output_margins`),
-    so an examples x classes table is never built.
+    so an examples x classes table is never built, and with ``with_predicted`` as well
+    the pair ``(margins (n,) float64, predicted classes (n,) int64)``
+    (:func:`predicted_classes`).
 
     In a torchrun launch each rank predicts a contiguous shard and the shards are
     gathered, so every rank returns all outputs.
@@ -64,22 +76,29 @@ def predict(
         batch_outputs = batch_outputs.float().reshape(batch_outputs.shape[0], -1)
         if margins_for is not None:
             batch_labels = margins_for.index_select(0, batch_ids.to(margins_for.device))
-            batch_outputs = output_margins(batch_outputs, batch_labels).unsqueeze(1)
+            # Margin and predicted class side by side (a class index is exact in float64).
+            # (on the device: no copy to the host per batch).
+            predicted = (batch_outputs[:, 0] > 0) if batch_outputs.shape[1] == 1 else batch_outputs.argmax(dim=1)
+            batch_outputs = torch.stack([output_margins(batch_outputs, batch_labels), predicted.double()], dim=1)
         outputs.append(batch_outputs)
     model.train(was_training)
     if context.enabled:
         if outputs:
             local = torch.cat(outputs)
         elif margins_for is not None:  # every rank must send the same dtype and width
-            local = torch.zeros((0, 1), dtype=torch.float64, device=_model_device(model))
+            local = torch.zeros((0, 2), dtype=torch.float64, device=_model_device(model))
         else:
             local = torch.zeros((0, _output_width(model, source)), device=_model_device(model))
         gathered = distributed.gather_rows(local, [int(part.numel()) for part in shards], context).cpu().numpy()
     elif outputs:
         gathered = torch.cat(outputs).cpu().numpy()
     else:
-        gathered = np.zeros((0, 1 if margins_for is not None else 0), dtype=np.float32)
-    return gathered[:, 0] if margins_for is not None else gathered
+        gathered = np.zeros((0, 2 if margins_for is not None else 0), dtype=np.float32)
+    if margins_for is None:
+        return gathered
+    if with_predicted:
+        return gathered[:, 0], gathered[:, 1].astype(np.int64)
+    return gathered[:, 0]
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -28,21 +28,30 @@ def uses_channels_last(model: nn.Module, inputs: torch.Tensor | LazyImages) -> b
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; an unavailable device is an error."""
+    """``auto`` picks CUDA, then MPS, then CPU; ``cuda:N`` is GPU N; an unavailable
+    device is an error (:class:`TrainingError`, one line)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for but no CUDA GPU is available")
-    if name == "mps" and not (
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name} was asked for but no CUDA GPU is available")
+    if index and int(index) >= torch.cuda.device_count():
+        raise TrainingError(f"--device {name} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                            f"GPU(s), numbered from 0")
+    if kind == "mps" and not (
         getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     ):
         raise TrainingError("--device mps was asked for but MPS is not available")
-    if name not in ("cpu", "cuda", "mps"):
-        raise TrainingError(f"unknown device {name!r}: use auto, cpu, cuda or mps")
+    if index:
+        # Make it the current GPU too, so that whatever asks "the" GPU (bf16 support,
+        # a cuBLAS workspace) asks this one.
+        torch.cuda.set_device(int(index))
     return torch.device(name)
 
 
