@@ -34,6 +34,7 @@ from .calibration import (
     training_verdict,
 )
 from .data import LoadedDataset
+from .score_duplicates import duplicates_pass
 from .scoring import (
     difficulty_scores,
     flag_examples,
@@ -120,6 +121,11 @@ def score_classification(
     )
     if keep_class_multipliers:
         examples["class_multipliers"] = scores.class_multipliers
+    # --- issue 22: splits, duplicates, conflicting copies and leaks (score_duplicates.py).
+    # A separate pass after the flag rule: it sets flag/suggested_label of the copies whose
+    # label the group and the network contradict, and adds its own columns.
+    examples, rule["duplicates"] = duplicates_pass(examples, loaded, result, settings)
+    # --- end issue 22
     return examples, rule
 
 
@@ -412,6 +418,8 @@ def score_regression(
             "flag": pd.array(flags, dtype="string"),
         }
     )
+    if loaded.splits is not None:  # issue 22: a split root's split per example
+        examples["split"] = pd.array(loaded.splits, dtype="string")
     return examples, rule
 
 

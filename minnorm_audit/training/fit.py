@@ -416,6 +416,7 @@ def finish(run: TrainingRun, train_seconds: float) -> FitResult:
         final_outputs=final_outputs,
         final_margins=final_margins,
         minnorm=run.optimizer,
+        model=run.model,
         history=run.history,
         epochs_run=len(run.history),
         train_seconds=train_seconds,

@@ -1,0 +1,305 @@
+"""The duplicates pass of a classification audit: exact and near copies grouped
+(duplicates.py), the labels of each group compared, conflicting copies settled with the
+rest of the data's evidence, and copies across splits listed as leaks.
+
+Columns it adds to ``examples.parquet`` (see report/parquet.py's descriptions):
+``split`` (split roots only), ``duplicate_group``, ``duplicate_of``, ``duplicate_distance``,
+``duplicate_kind``, ``duplicate_labels``, ``duplicate_verdict``, ``duplicate_evidence``
+and ``leak``; and ``summary.json["duplicates"]`` (:func:`duplicates_pass`).
+
+A group whose members carry different labels is settled by, in order: a strict
+majority of its members' labels; else (a pair, the usual case) the network's
+training-averaged preference between the group's labels on the copies' inputs, read
+from the violation state (how far, on average over training, each label beat the
+other on each copy: the network sees near-identical inputs under two labels and
+follows the rest of the data). A copy whose label the evidence contradicts is
+``mislabeled`` with the supported label as suggestion; a group whose evidence is
+weaker than :data:`SETTLE_LOGITS` is ``conflicting`` (a person must decide).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .data import LazyImages, LoadedDataset
+from .duplicates import (
+    Pairs,
+    calibrated_radius,
+    content_keys,
+    duplicate_groups,
+    exact_pairs,
+    merge_pairs,
+    nearest_copy,
+    pairs_within,
+)
+from .training import FitResult
+
+if TYPE_CHECKING:
+    from .options import AuditOptions
+
+# Near copies: closer than this fraction of the median nearest-neighbour distance, in
+# the feature space below (chosen on benchmarks/duplicates.py; cleanlab Datalab's rule
+# is 0.13 x the median on its own features).
+NEAR_FRACTION = {"penultimate": 0.2, "pixels": 0.2, "inputs": 0.1}
+# Images: which features the near-copy search reads (benchmarks/duplicates.py compares them).
+IMAGE_FEATURES = "pixels"
+# Pooled pixels: each image average-pooled to this side per channel, then centred and
+# scaled per image (a JPEG copy's brightness shift and a crop's zoom move little).
+POOL_SIDE = 8
+# A tie between labels in a group is settled when the network preferred one label over
+# the other by at least this many logits on average over training and copies.
+SETTLE_LOGITS = 0.25
+# Verdicts of the duplicate pass.
+VERDICTS = ("agree", "mislabeled", "supported", "conflicting")
+
+
+def duplicate_features(loaded: LoadedDataset, result: FitResult | None, kind: str | None = None) -> tuple[torch.Tensor, str]:
+    """The rows the near-copy search compares (float32 (N, F)) and their name:
+    images by :data:`IMAGE_FEATURES` (``"pixels"``: pooled and normalized per image;
+    ``"penultimate"``: the trained network's), tables by their standardized inputs."""
+    if loaded.kind == "images":
+        kind = kind or IMAGE_FEATURES
+        if kind == "penultimate":
+            if result is None or result.model is None:
+                raise ValueError("penultimate features need the trained model")
+            from .training.features import penultimate_features
+
+            return torch.from_numpy(penultimate_features(result.model, loaded.inputs)), kind
+        return pooled_pixels(loaded.inputs), "pixels"
+    values = loaded.inputs.float()
+    spread = values.std(0).clamp_min(1e-6)
+    return (values - values.mean(0)) / spread, "inputs"
+
+
+def pooled_pixels(images: Any, side: int = POOL_SIDE, block: int = 4096) -> torch.Tensor:
+    """Images (N, C, H, W) average-pooled to ``side`` x ``side`` per channel, each row
+    centred and scaled to unit norm x sqrt(features): float32 (N, C x side x side)."""
+    parts = []
+    for start in range(0, len(images), block):
+        rows = images[start:start + block].float()
+        rows = torch.nn.functional.adaptive_avg_pool2d(rows, (min(side, rows.shape[2]), min(side, rows.shape[3])))
+        rows = rows.reshape(rows.shape[0], -1)
+        rows = rows - rows.mean(1, keepdim=True)
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-6) * rows.shape[1] ** 0.5
+        parts.append(rows)
+    return torch.cat(parts)
+
+
+def find_duplicates(loaded: LoadedDataset, result: FitResult | None, *, seed: int = 0,
+                    features: str | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Exact and near copies among ``loaded``'s examples: ``{"pairs", "exact", "groups",
+    "nearest", "distance", "record"}`` with the merged pairs, the exact pairs, the group
+    per example (-1: none), each example's nearest copy (-1: none) and its distance,
+    and the summary record (features, radius, median nearest-neighbour distance)."""
+    started = time.perf_counter()
+    count = len(loaded.targets)
+    exact = exact_pairs(content_keys(loaded.inputs))
+    rows, name = duplicate_features(loaded, result, features)
+    rows = rows.to(device)
+    fraction = NEAR_FRACTION[name]
+    radius, median = calibrated_radius(rows, fraction, seed=seed) if count > 1 else (0.0, 0.0)
+    near = pairs_within(rows, radius) if radius > 0 else Pairs(*(np.zeros(0, dtype=np.int64),) * 2,
+                                                                   np.zeros(0, dtype=np.float32))
+    pairs = merge_pairs(exact, near)
+    groups = duplicate_groups(count, pairs)
+    nearest, distance = nearest_copy(count, pairs)
+    record = {
+        "features": name,
+        "radius": radius,
+        "median_nearest_distance": median,
+        "radius_fraction": fraction,
+        "rule": (f"exact copies: the same decoded pixels (images) or row values (tables); near copies: "
+                 f"{name} features closer than {fraction:g} x the median nearest-neighbour distance "
+                 f"({median:.4g}, estimated on up to 1,024 rows against all), i.e. {radius:.4g}; groups: "
+                 "connected copies"),
+        "seconds": time.perf_counter() - started,
+    }
+    return {"pairs": pairs, "exact": exact, "groups": groups, "nearest": nearest, "distance": distance,
+            "record": record}
+
+
+def duplicates_pass(
+    examples: pd.DataFrame, loaded: LoadedDataset, result: FitResult, settings: AuditOptions
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Add the split, duplicate and leak columns to a classification ``examples`` table,
+    settle conflicting copies (``flag`` and ``suggested_label`` of the copies the
+    evidence contradicts become ``mislabeled`` and the supported label; unsettled ones
+    ``conflicting``), and return the table with summary.json's ``duplicates`` record."""
+    examples = examples.copy()
+    count = len(examples)
+    splits = np.asarray(loaded.splits, dtype=object) if loaded.splits is not None else None
+    if splits is not None:
+        examples["split"] = pd.array(splits, dtype="string")
+    if isinstance(loaded.inputs, LazyImages) or count < 2:
+        found = None  # a streamed run would pay another pass over the files
+    else:
+        found = find_duplicates(loaded, result, seed=settings.train.seed, device=result.device)
+    if found is None:
+        _empty_columns(examples, count)
+        return examples, {"checked": False, "reason": "images streamed from disk" if count >= 2 else "one example"}
+
+    labels = loaded.targets.numpy().astype(np.int64)
+    names = np.asarray(loaded.class_names, dtype=object)
+    sources = np.asarray(loaded.sources, dtype=object)
+    groups, nearest = found["groups"], found["nearest"]
+    exact_members = np.zeros(count, dtype=bool)
+    exact_members[found["exact"].first] = True
+    exact_members[found["exact"].second] = True
+    is_exact_nearest = np.zeros(count, dtype=bool)
+    has = nearest >= 0
+    is_exact_nearest[has] = found["distance"][has] == 0
+    verdict = np.full(count, "", dtype=object)
+    evidence = np.full(count, "", dtype=object)
+    group_labels = np.full(count, "", dtype=object)
+    suggested = examples["suggested_label"].to_numpy(dtype=object).copy()
+    flags = examples["flag"].to_numpy(dtype=object).copy()
+    preference = _label_preference(result, settings.train.margin)
+    conflicting_groups = settled = unsettled = 0
+    member_lists = _members(groups)
+    for members in member_lists:
+        member_labels = labels[members]
+        present = np.unique(member_labels)
+        group_labels[members] = "|".join(str(names[c]) for c in present)
+        if len(present) == 1:
+            verdict[members] = "agree"
+            continue
+        conflicting_groups += 1
+        winner, strength = _settle(members, member_labels, present, preference)
+        if winner is None:
+            unsettled += 1
+            for row in members:
+                other = nearest[row]
+                verdict[row] = "conflicting"
+                flags[row] = "conflicting"
+                evidence[row] = (f"duplicate of {sources[other]} labeled {names[labels[other]]}; "
+                                 f"the evidence cannot settle it ({strength})")
+            continue
+        settled += 1
+        supporters = members[member_labels == winner]
+        for row in members:
+            if labels[row] == winner:
+                verdict[row] = "supported"
+                continue
+            # The copy named: its nearest copy when that one carries the winning label.
+            twin = nearest[row] if labels[nearest[row]] == winner else supporters[0]
+            verdict[row] = "mislabeled"
+            flags[row] = "mislabeled"
+            suggested[row] = names[winner]
+            evidence[row] = f"duplicate of {sources[twin]} labeled {names[winner]} ({strength})"
+    in_group = groups >= 0
+    examples["duplicate_group"] = pd.array(np.where(in_group, groups, 0), dtype="Int64")
+    examples.loc[~in_group, "duplicate_group"] = pd.NA
+    examples["duplicate_of"] = pd.array([sources[n] if n >= 0 else None for n in nearest.tolist()], dtype="string")
+    examples["duplicate_distance"] = found["distance"]
+    examples["duplicate_kind"] = pd.array(
+        [None if n < 0 else ("exact" if e else "near") for n, e in zip(nearest.tolist(), is_exact_nearest.tolist())],
+        dtype="string")
+    examples["duplicate_labels"] = pd.array([text or None for text in group_labels.tolist()], dtype="string")
+    examples["duplicate_verdict"] = pd.array([text or None for text in verdict.tolist()], dtype="string")
+    examples["duplicate_evidence"] = pd.array([text or None for text in evidence.tolist()], dtype="string")
+    examples["flag"] = pd.array(flags, dtype="string")
+    examples["suggested_label"] = pd.array(suggested, dtype="string")
+    leak, leak_pairs = _leaks(member_lists, splits, count)
+    examples["leak"] = leak
+    record = dict(found["record"])
+    record.update(
+        checked=True,
+        exact_copies=int(exact_members.sum()),
+        groups=len(member_lists),
+        examples_in_groups=int(in_group.sum()),
+        conflicting_groups=conflicting_groups,
+        settled_groups=settled,
+        unsettled_groups=unsettled,
+        flagged_mislabeled=int((verdict == "mislabeled").sum()),
+        flagged_conflicting=int((verdict == "conflicting").sum()),
+        leaks=leak_pairs,
+        leak_examples=int(leak.sum()),
+        settle_rule=(f"a strict majority of the group's labels; else the label the network preferred on the "
+                     f"copies, on average over training, by at least {SETTLE_LOGITS:g} logits; else conflicting"),
+    )
+    return examples, record
+
+
+def _empty_columns(examples: pd.DataFrame, count: int) -> None:
+    examples["duplicate_group"] = pd.array([None] * count, dtype="Int64")
+    for column in ("duplicate_of", "duplicate_kind", "duplicate_labels", "duplicate_verdict", "duplicate_evidence"):
+        examples[column] = pd.array([None] * count, dtype="string")
+    examples["duplicate_distance"] = np.full(count, np.nan)
+    examples["leak"] = np.zeros(count, dtype=bool)
+
+
+def _members(groups: np.ndarray) -> list[np.ndarray]:
+    """The rows of each group, in group order."""
+    rows = np.flatnonzero(groups >= 0)
+    if len(rows) == 0:
+        return []
+    order = rows[np.argsort(groups[rows], kind="stable")]
+    cuts = np.flatnonzero(np.diff(groups[order])) + 1
+    return np.split(order, cuts)
+
+
+def _label_preference(result: FitResult, margin: float):  # type: ignore[no-untyped-def]
+    """``preference(row, label)``: how far, on average over training, ``label`` beat the
+    row's given label in the network's outputs (logits; 0 for the given label), read
+    from the violation state; None when the run did not keep it."""
+    try:
+        result.state_rows("violation", 0, 1)
+    except ValueError:
+        return None
+
+    def preference(row: int, label: int, given: int) -> float:
+        if label == given:
+            return 0.0
+        violations = result.state_rows("violation", row, row + 1)[0]
+        if violations.shape[0] == 1:  # binary single output: one competing class
+            return float(violations[0]) - margin
+        return float(violations[label]) - margin
+
+    return preference
+
+
+def _settle(members: np.ndarray, member_labels: np.ndarray, present: np.ndarray, preference) -> tuple[int | None, str]:  # type: ignore[no-untyped-def]
+    """The label a group with different labels supports, and why (or None and why not)."""
+    counts = np.array([(member_labels == c).sum() for c in present])
+    top = counts.max()
+    if (counts == top).sum() == 1:
+        return int(present[np.argmax(counts)]), f"{top} of {len(members)} copies carry it"
+    tied = present[counts == top]
+    if preference is None:
+        return None, "a tie, and this run kept no training-averaged preferences"
+    # Each copy's preference for each tied label, centred per copy (comparable across
+    # copies with different given labels), averaged over the copies.
+    table = np.array([[preference(int(row), int(label), int(given)) for label in tied]
+                      for row, given in zip(members, member_labels)])
+    table -= table.mean(1, keepdims=True)
+    score = table.mean(0)
+    order = np.argsort(-score)
+    gap = float(score[order[0]] - score[order[1]])
+    if gap < SETTLE_LOGITS:
+        return None, f"a tie; the network's preference between the labels is {gap:.2f} logits"
+    return int(tied[order[0]]), f"the network preferred it by {gap:.2f} logits on average over training"
+
+
+def _leaks(member_lists: list[np.ndarray], splits: np.ndarray | None, count: int) -> tuple[np.ndarray, dict[str, int]]:
+    """Per example, whether a copy of it lies in another split; and the number of copy
+    pairs across each pair of splits (``"test/train"``: names sorted)."""
+    leak = np.zeros(count, dtype=bool)
+    counts: dict[str, int] = {}
+    if splits is None:
+        return leak, counts
+    for members in member_lists:
+        member_splits = splits[members]
+        if len(set(member_splits.tolist())) < 2:
+            continue
+        for a in range(len(members)):
+            for b in range(a + 1, len(members)):
+                if member_splits[a] != member_splits[b]:
+                    leak[members[a]] = leak[members[b]] = True
+                    key = "/".join(sorted((str(member_splits[a]), str(member_splits[b]))))
+                    counts[key] = counts.get(key, 0) + 1
+    return leak, dict(sorted(counts.items()))
