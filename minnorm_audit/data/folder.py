@@ -119,9 +119,10 @@ def _split_dirs(top_dirs: list[Path], shown: str, split_folders: list[str] | Non
         return []
     if split_folders is None:
         names = set(SPLIT_NAMES)
-        # Every top folder a split name, each holding folders (its classes): a class
-        # folder named 'test' holds image files, not folders.
-        if not all(folder.name.lower() in names and _visible_entries(folder)[0] for folder in top_dirs):
+        # Every top folder a split name, each holding folders (its classes) or imagefolder
+        # metadata: a class folder named 'test' holds image files only.
+        if not all(folder.name.lower() in names and (_visible_entries(folder)[0] or _has_metadata(folder))
+                   for folder in top_dirs):
             return []
         return top_dirs
     wanted = {name.lower() for name in split_folders}
@@ -132,10 +133,14 @@ def _split_dirs(top_dirs: list[Path], shown: str, split_folders: list[str] | Non
     if others:
         raise DataError(f"{shown}: folder {others[0]!r} is not one of the split folders "
                         f"{', '.join(map(repr, split_folders))}; name it in --split-folders or move it")
-    empty = [folder.name for folder in splits if not _visible_entries(folder)[0]]
+    empty = [folder.name for folder in splits if not (_visible_entries(folder)[0] or _has_metadata(folder))]
     if empty:
         raise DataError(f"{shown}: split folder {empty[0]!r} holds no class folders")
     return splits
+
+
+def _has_metadata(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in METADATA_FILES)
 
 
 def _metadata_candidates(
