@@ -231,3 +231,37 @@ def test_agreeing_copies_are_listed_not_flagged() -> None:
     assert out["duplicate_verdict"].fillna("").tolist() == ["agree", "", "agree", ""]
     assert out["flag"].tolist() == ["ok"] * 4 and "split" not in out.columns
     assert record["groups"] == 1 and record["leaks"] == {}
+
+
+@pytest.mark.slow
+def test_split_root_audit_and_drop_duplicates(tmp_path: Path) -> None:
+    """End to end on a small split root: an exact copy across splits is a leak, a copy
+    filed under another class is found, and clean's drop-duplicates keeps the train copy."""
+    import json
+
+    from minnorm_audit import audit
+    from minnorm_audit.clean import clean
+
+    rng = np.random.default_rng(0)
+    images, labels = generated_images(120, rng)
+    data = tmp_path / "data"
+    for index, (image, label) in enumerate(zip(images, labels)):
+        split = "test" if index % 5 == 0 else "train"
+        path = data / split / f"c{label}" / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+    Image.fromarray(images[1]).save(data / "test" / f"c{labels[1]}" / "copy.png")  # 1 is in train: a leak
+    result = audit(str(data), out=tmp_path / "run", epochs=3, image_size=16)
+    examples = result.examples.set_index("source")
+    assert examples.loc["test/c%d/copy.png" % labels[1], "leak"]
+    assert examples.loc["test/c%d/copy.png" % labels[1], "duplicate_of"] == f"train/c{labels[1]}/1.png"
+    assert result.summary["duplicates"]["leaks"] == {"test/train": 1}
+    assert {row["split"] for row in result.summary["splits"]} == {"test", "train"}
+    assert sum(row["count"] for row in result.summary["splits"]) == 121
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["duplicates"]["features"] == "pixels+aligned"
+    cleaned = clean(tmp_path / "run", tmp_path / "clean.csv", rule="drop-duplicates")
+    trail = cleaned.trail.set_index("source")
+    assert trail.loc["test/c%d/copy.png" % labels[1], "action"] == "dropped"
+    assert "copy of train/" in trail.loc["test/c%d/copy.png" % labels[1], "note"]
+    assert trail.loc[f"train/c{labels[1]}/1.png", "action"] == "kept"
