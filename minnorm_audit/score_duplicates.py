@@ -54,8 +54,13 @@ POOL_SIDE = 8
 # A tie between labels in a group is settled when the network preferred one label over
 # the other by at least this many logits on average over training and copies.
 SETTLE_LOGITS = 0.25
+# A group with more members than this share of the examples (and at least
+# LARGE_GROUP_MIN) is not a set of copies but inputs that do not tell examples apart
+# (blank images, a constant placeholder row): listed, never judged.
+LARGE_GROUP_SHARE = 0.01
+LARGE_GROUP_MIN = 20
 # Verdicts of the duplicate pass.
-VERDICTS = ("agree", "mislabeled", "supported", "conflicting")
+VERDICTS = ("agree", "mislabeled", "supported", "conflicting", "too large")
 
 
 def duplicate_features(loaded: LoadedDataset, result: FitResult | None, kind: str | None = None) -> tuple[torch.Tensor, str]:
@@ -175,10 +180,18 @@ def duplicates_pass(
     preference = _label_preference(result, settings.train.margin)
     conflicting_groups = settled = unsettled = 0
     member_lists = _members(groups)
+    large = max(LARGE_GROUP_MIN, int(LARGE_GROUP_SHARE * count))
+    large_groups = 0
     for members in member_lists:
         member_labels = labels[members]
         present = np.unique(member_labels)
         group_labels[members] = "|".join(str(names[c]) for c in present)
+        if len(members) > large:
+            large_groups += 1
+            verdict[members] = "too large"
+            evidence[members] = (f"one of {len(members)} examples with the same or nearly the same input (over "
+                                 f"{LARGE_GROUP_SHARE:.0%} of the data): the input does not tell them apart; not judged")
+            continue
         if len(present) == 1:
             verdict[members] = "agree"
             continue
@@ -229,6 +242,7 @@ def duplicates_pass(
         examples_in_groups=int(in_group.sum()),
         conflicting_groups=conflicting_groups,
         settled_groups=settled,
+        large_groups=large_groups,
         unsettled_groups=unsettled,
         flagged_mislabeled=int((verdict == "mislabeled").sum()),
         flagged_conflicting=int((verdict == "conflicting").sum()),

@@ -112,7 +112,8 @@ EXAMPLES_DESCRIPTIONS: dict[str, str] = {
     "duplicate_labels": "The labels the copies of the group carry, '|'-separated.",
     "duplicate_verdict": (
         "'agree' (the copies carry one label), 'mislabeled' (the group and the network contradict this "
-        "copy's label), 'supported' (the label the evidence supports), 'conflicting' (a person must decide)."
+        "copy's label), 'supported' (the label the evidence supports), 'conflicting' (a person must decide), "
+        "'too large' (a group of over 1% of the data: inputs that do not tell examples apart; not judged)."
     ),
     "duplicate_evidence": "Why, e.g. 'duplicate of train/7/12.png labeled 7 (...)'.",
     "leak": "True when a copy of the example lies in another split.",
