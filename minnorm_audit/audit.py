@@ -185,6 +185,7 @@ def load_input(data: Any, settings: AuditOptions) -> LoadedDataset:
             max_memory_gb=settings.train.max_memory_gb,
             ignore_columns=settings.ignore_columns,
             workers=settings.train.workers,
+            split_folders=settings.split_folders,
         )
     if settings.data_root is not None:
         raise TypeError("data_root applies to a manifest on disk, not to data given in memory")

@@ -163,7 +163,7 @@ _RESUME_FREE_OPTIONS = frozenset({"device", "workers", "max_memory_gb", "determi
 _SETTING_OF_OPTION = {
     "data_format": ("format",), "label_column": ("label_column",), "path_column": ("path_column",),
     "data_root": ("data_root",), "task": ("task",), "feature_columns": ("feature_columns",),
-    "ignore_columns": ("ignore_columns",), "model": ("model",), "image_size": ("image_size",),
+    "ignore_columns": ("ignore_columns",), "split_folders": ("split_folders",), "model": ("model",), "image_size": ("image_size",),
     "flag_fraction": ("flag_fraction",), "threshold": ("threshold",), "gallery_size": ("gallery_size",),
     **{name: ("train", name) for name in (
         "epochs", "batch_size", "optimizer", "lr", "dual_lr", "score_state", "multiplier_cap", "multiplier_store",
@@ -269,13 +269,14 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
 @click.option("--task", type=click.Choice(["classification", "regression"]), default="classification", help="regression uses the equality form on a real-valued target.")
 @click.option("--feature-columns", "feature_columns", multiple=True, metavar="NAMES", help="Table: the feature columns, comma-separated or the option repeated [default: every column but the label, the ignored ones and a saved pandas index]. A column of lists (an embedding) may be named whole or as NAME[i].")
 @click.option("--ignore-columns", "ignore_columns", multiple=True, metavar="NAMES", help="Table: columns that are not features (ids, notes, ...), comma-separated or the option repeated.")
+@click.option("--split-folders", "split_folders", multiple=True, metavar="NAMES", help="Image folder: the top-level folders that are splits over the same class folders (DATA/<split>/<class>/...), comma-separated, or 'none' to read the top level as classes [default: detected when every top-level folder is a split name: train, val, valid, validation, test, dev, ...].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [default: reports/<data-name>-<timestamp>].")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue the interrupted run in RUN_DIR with the settings it started with (kept in its checkpoint); an option given that would change what is trained is refused.")
 @click.option("--fail-on-flagged", type=click.FloatRange(0, 1), default=None, help="Exit 3 when the fraction flagged mislabeled exceeds this, 4 when the audit is inconclusive (the network has not learned the data, so the flags say nothing either way); after writing outputs.")
 @_training_options
 def run(data: Path, data_format: str, label_column: str, path_column: str, data_root: Path | None, task: str,
-        feature_columns: tuple[str, ...], ignore_columns: tuple[str, ...], out: Path | None, resume_dir: Path | None,
-        fail_on_flagged: float | None, **options: Any) -> None:
+        feature_columns: tuple[str, ...], ignore_columns: tuple[str, ...], split_folders: tuple[str, ...],
+        out: Path | None, resume_dir: Path | None, fail_on_flagged: float | None, **options: Any) -> None:
     """Audit DATA (image folder, manifest or table) and write a run folder.
 
     \b
@@ -291,7 +292,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
                          data_root=data_root, feature_columns=_column_list(feature_columns),
-                         ignore_columns=_column_list(ignore_columns))
+                         ignore_columns=_column_list(ignore_columns), split_folders=_column_list(split_folders))
     run_dir = resume_dir or out or default_run_dir(data)
     try:
         if resume_dir is not None:
@@ -301,7 +302,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
                               path_column=settings.path_column, task=settings.task, image_size=settings.image_size,
                               data_root=settings.data_root, max_memory_gb=settings.train.max_memory_gb,
                               feature_columns=settings.feature_columns, ignore_columns=settings.ignore_columns,
-                              workers=settings.train.workers)
+                              workers=settings.train.workers, split_folders=settings.split_folders)
         load_seconds = time.perf_counter() - started
         if not options["quiet"] and is_main_process():
             for note in loaded.notes:
@@ -417,7 +418,7 @@ def demo(out: Path, noise_rate: float, **options: Any) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The cleaned dataset file, .csv or .parquet (written outside the data; a trail file, and for CSV a provenance file, go beside it).")
-@click.option("--rule", type=click.Choice(["drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "none"]), default="drop-mislabeled", help="What to do where no reviewer decided: drop examples flagged mislabeled; drop every flagged example (mislabeled, hard and outlier); drop outliers; relabel mislabeled ones to the suggested label; or keep all. On an inconclusive audit a rule other than none acts on flags that are not to be trusted: clean warns.")
+@click.option("--rule", type=click.Choice(["drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "drop-duplicates", "none"]), default="drop-mislabeled", help="What to do where no reviewer decided: drop examples flagged mislabeled; drop every flagged example (mislabeled, hard and outlier); drop outliers; relabel mislabeled ones to the suggested label; keep one copy per duplicate group (train split first, then the supported label); or keep all. On an inconclusive audit a rule other than none acts on flags that are not to be trusted: clean warns.")
 @click.option("--decisions", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="A reviewer's decisions CSV (source, decision, label), e.g. downloaded from report.html; applied before the rule.")
 @click.option("--quiet", is_flag=True, help="No messages on stderr.")
 @click.option("--json", "json_output", is_flag=True, help="Print the provenance (rule, counts, paths, re-audit command) as JSON to stdout.")

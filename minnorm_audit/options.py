@@ -70,12 +70,14 @@ class AuditOptions:
     feature_columns: list[str] | None = None
     data_root: str | Path | None = None
     ignore_columns: list[str] | None = None
+    # Image folder: the split folder names (None: detected; ["none"]: off).
+    split_folders: list[str] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``
         reuses them): every field, ``train`` as a dict, the data root as text."""
         record: dict[str, Any] = {name: getattr(self, name) for name in self.__dataclass_fields__ if name != "train"}
-        for name in ("feature_columns", "ignore_columns"):
+        for name in ("feature_columns", "ignore_columns", "split_folders"):
             record[name] = None if record[name] is None else [str(column) for column in record[name]]
         record["data_root"] = None if self.data_root is None else str(self.data_root)
         record["train"] = self.train.to_dict()

@@ -36,6 +36,7 @@ from .calibration import (
 )
 from .data import LoadedDataset
 from .data.placement import LazyImages
+from .score_duplicates import duplicates_pass
 from .scoring import (
     difficulty_scores,
     flag_examples,
@@ -120,6 +121,10 @@ def score_classification(
     )
     if keep_class_multipliers:
         examples["class_multipliers"] = scores.class_multipliers
+    # Duplicates, conflicting copies and leaks (score_duplicates.py): a separate pass after
+    # the flag rule; it sets flag / suggested_label of the copies whose label the group and
+    # the network contradict, and adds its own columns.
+    examples, rule["duplicates"] = duplicates_pass(examples, loaded, result, settings)
     return examples, rule
 
 
@@ -393,6 +398,8 @@ def score_regression(
             "flag": pd.array(flags, dtype="string"),
         }
     )
+    if loaded.splits is not None:  # a split root's split per example
+        examples["split"] = pd.array(loaded.splits, dtype="string")
     return examples, rule
 
 

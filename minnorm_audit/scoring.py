@@ -20,7 +20,8 @@ from typing import Literal
 import numpy as np
 
 Statistic = Literal["max", "sum"]
-FLAGS = ("mislabeled", "hard", "outlier", "ok")
+# "conflicting": copies with different labels the evidence cannot settle (score_duplicates.py).
+FLAGS = ("mislabeled", "hard", "outlier", "conflicting", "ok")
 # The default flag rule (calibrated thresholds, outliers, the inconclusive verdict) is
 # in calibration.py; flag_examples below is the Otsu split of the overrides and the
 # other score states.

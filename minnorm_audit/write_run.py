@@ -87,6 +87,7 @@ def describe_run(
     # The verdict on the run travels beside the flag rule, not inside it.
     flag_rule = dict(flag_rule)
     inconclusive = flag_rule.pop("inconclusive", None)
+    duplicates = flag_rule.pop("duplicates", None)  # score_duplicates.duplicates_pass's record
     diagnostics = run_diagnostics(result, settings)
     # How well the network fits the given labels at the end: shown with the diagnostics.
     diagnostics.update(training_fit(examples, loaded.task))
@@ -108,6 +109,10 @@ def describe_run(
     }
     summary = build_summary(examples, loaded, flag_rule, diagnostics, result, config, versions,
                             timings=timings, demo=demo, inconclusive=inconclusive)
+    if duplicates is not None:
+        summary["duplicates"] = duplicates
+    if "split" in examples.columns:
+        summary["splits"] = split_counts(examples)
     return RunRecord(metadata=metadata, summary=summary, set_aside=set_aside_frame(loaded))
 
 
@@ -364,6 +369,14 @@ def build_summary(
     if demo is not None:
         summary["demo"] = demo
     return summary
+
+
+def split_counts(examples: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per split of a split root: examples and counts per flag (summary.json ``splits``)."""
+    flags = list(FLAGS) + sorted(set(examples["flag"].dropna().unique()) - set(FLAGS))
+    return [{"split": str(split), "count": int(len(rows)),
+             **{flag: int((rows["flag"] == flag).sum()) for flag in flags}}
+            for split, rows in examples.groupby("split", sort=True, observed=True)]
 
 
 def build_gallery(examples: pd.DataFrame, loaded: LoadedDataset, size: int) -> pd.DataFrame:

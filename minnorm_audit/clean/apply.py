@@ -33,16 +33,20 @@ if TYPE_CHECKING:
 
 __all__ = ["ACTIONS", "RULES", "RULE_DESCRIPTIONS", "CleanResult", "clean"]
 
-RULES = ("drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "none")
+RULES = ("drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "drop-duplicates", "none")
 ACTIONS = ("kept", "dropped", "relabeled")
 RULE_DESCRIPTIONS = {
     "drop-mislabeled": "drop examples flagged mislabeled",
     "drop-flagged": "drop examples flagged mislabeled, hard or outlier (every flagged example)",
     "drop-outliers": "drop examples flagged outlier",
     "relabel-mislabeled": "relabel examples flagged mislabeled to their suggested label",
+    "drop-duplicates": ("keep one example per group of exact or near copies (duplicate_group), preferring the "
+                        "train split, then the label the group's evidence supports, then the first; drop the rest"),
     "none": "keep every example a reviewer did not decide on",
 }
-_EXAMPLE_COLUMNS = ("source", "given_label", "suggested_label", "given_target", "flag", "difficulty")
+_EXAMPLE_COLUMNS = ("source", "given_label", "suggested_label", "given_target", "flag", "difficulty",
+                    # drop-duplicates (issue 22)
+                    "example_id", "split", "duplicate_group", "duplicate_verdict")
 
 
 @dataclass
@@ -97,7 +101,7 @@ def clean(
         The cleaned dataset file, ``.csv`` or ``.parquet`` (see the module notes for
         its columns and the files written beside it). Must lie outside the data
         folder and must not be one of the run folder's files.
-    rule : {"drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "none"}, default="drop-mislabeled"
+    rule : {"drop-mislabeled", "drop-flagged", "drop-outliers", "relabel-mislabeled", "drop-duplicates", "none"}, default="drop-mislabeled"
         What happens to examples no reviewer decided on: drop those flagged
         ``mislabeled``; drop every flagged example (``mislabeled``, ``hard`` and
         ``outlier``); drop ``outlier`` ones; relabel ``mislabeled`` ones to their
@@ -210,14 +214,20 @@ def _trail(
         old_labels = examples["given_label"].astype(str).tolist()
         suggested = examples["suggested_label"].astype(str).tolist()
     actions, labels, decided_by, lines = [], [], [], []
+    copy_notes = _duplicate_drops(examples) if rule == "drop-duplicates" else {}
+    notes: list[str | None] = []
     for source, flag, old_label, suggestion in zip(sources, flags, old_labels, suggested):
         decision = chosen.get(source)
         if decision is not None:
             by, line = "reviewer", decision.line
             verb, new_label = decision.decision, decision.label
+        elif rule == "drop-duplicates":
+            by, line, new_label = "rule", None, None
+            verb = "drop" if copy_notes.get(source, (False,))[0] else "keep"
         else:
             by, line = "rule", None
             verb, new_label = _rule_decision(rule, flag, suggestion)
+        notes.append(copy_notes[source][1] if source in copy_notes and decision is None else None)
         if verb == "drop":
             action, label = "dropped", None
         elif verb == "relabel" and new_label != old_label:
@@ -240,7 +250,7 @@ def _trail(
             "flag": pd.array(flags, dtype="string"),
             "suggested_label": pd.array(suggested if not regression else [None] * len(sources), dtype="string"),
             "difficulty": examples["difficulty"].astype(float).to_numpy(),
-            "note": pd.array([None] * len(sources), dtype="string"),
+            "note": pd.array(notes, dtype="string"),
         }
     )
     if len(set_aside):
@@ -255,6 +265,37 @@ def _trail(
         trail = pd.concat([trail, dropped.reindex(columns=trail.columns).astype(trail.dtypes.to_dict())],
                           ignore_index=True)
     return trail
+
+
+def _duplicate_drops(examples: pd.DataFrame) -> dict[str, tuple[bool, str]]:
+    """drop-duplicates: {source: (dropped, note)} for every member of a duplicate group.
+    The copy kept is in the train split when one is (the other splits keep their
+    examples unseen in training), then carries the label the group's evidence supports
+    (verdict agree or supported, not mislabeled or conflicting), then comes first."""
+    if "duplicate_group" not in examples.columns:
+        raise CleanError("rule 'drop-duplicates' needs a run with the duplicate columns (audit it again)")
+    members = examples[examples["duplicate_group"].notna()]
+    notes: dict[str, tuple[bool, str]] = {}
+    for _, group in members.groupby("duplicate_group", sort=True):
+        split = group["split"].astype(str).str.lower() if "split" in group.columns else None
+        verdict = group["duplicate_verdict"].fillna("").astype(str)
+        rank = pd.DataFrame({
+            "not_train": ~split.isin(("train", "training")) if split is not None else False,
+            "not_supported": ~verdict.isin(("agree", "supported")),
+            "id": group["example_id"].astype(int),
+        }, index=group.index).sort_values(["not_train", "not_supported", "id"])
+        kept = group.loc[rank.index[0]]
+        why = [reason for reason, applies in (
+            ("train split", split is not None and not rank.iloc[0]["not_train"]),
+            ("the label the evidence supports", not rank.iloc[0]["not_supported"]),
+        ) if applies] or ["first of the group"]
+        for index, row in group.iterrows():
+            if index == rank.index[0]:
+                notes[str(row["source"])] = (False, f"kept for duplicate group {int(row['duplicate_group'])} "
+                                                    f"({', '.join(why)})")
+            else:
+                notes[str(row["source"])] = (True, f"copy of {kept['source']}, kept ({', '.join(why)})")
+    return notes
 
 
 def _rule_decision(rule: str, flag: str, suggestion: Any) -> tuple[str, Any]:

@@ -109,6 +109,9 @@ class LoadedDataset:
         One line per thing the loader decided about the input that the user should
         know (see :class:`DataNotice`); :func:`~minnorm_audit.audit` warns with each
         and writes them into ``summary.json``.
+    splits : list of str or None
+        A split root (``DATA/<split>/<class>/...``, see :mod:`.folder`): each example's
+        split folder name as written (``"train"``, ``"val"``, ...). None otherwise.
     """
 
     kind: str
@@ -125,6 +128,7 @@ class LoadedDataset:
     image_size: int | None
     origin: str | None = None
     notes: list[str] = field(default_factory=list)
+    splits: list[str] | None = None
 
 
 def _check_task(task: str) -> None:

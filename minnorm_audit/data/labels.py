@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from typing import Any, Iterable
 
 import numpy as np
@@ -125,8 +126,28 @@ def _sorted_class_names(names: Iterable[str]) -> list[str]:
     return sorted(unique)
 
 
-def _class_indices(labels: list[str], shown: str) -> tuple[list[str], torch.Tensor]:
-    """Sorted class names (see _sorted_class_names) and int64 indices into them."""
+def _nfc(text: str) -> str:
+    """``text`` in Unicode NFC: ``café`` typed on Linux (one code point for é) and
+    written by macOS (e + a combining accent, NFD) are one name."""
+    return unicodedata.normalize("NFC", text)
+
+
+def _class_indices(labels: list[str], shown: str, notes: list[str] | None = None) -> tuple[list[str], torch.Tensor]:
+    """Sorted class names (see _sorted_class_names) and int64 indices into them.
+
+    Labels are put in Unicode NFC first, so names that differ only in their Unicode
+    form are one class; each such merge is added to ``notes`` (when given) as a line.
+    """
+    normalized = [_nfc(label) for label in labels]
+    if notes is not None and normalized != labels:
+        spellings: dict[str, set[str]] = {}
+        for label, name in zip(labels, normalized):
+            spellings.setdefault(name, set()).add(label)
+        for name, forms in sorted(spellings.items()):
+            if len(forms | {name}) > 1:
+                notes.append(f"labels {', '.join(ascii(form) for form in sorted(forms | {name}))} of {shown} "
+                             f"are one name in different Unicode forms; merged into class {name!r} (NFC)")
+    labels = normalized
     class_names = _sorted_class_names(labels)
     if len(class_names) < 2:
         raise DataError(

@@ -29,6 +29,7 @@ def load_dataset(
     max_memory_gb: float | None = None,
     ignore_columns: list[str] | None = None,
     workers: int | None = None,
+    split_folders: list[str] | None = None,
 ) -> LoadedDataset:
     """Load an image folder, a manifest or a table, read-only.
 
@@ -70,6 +71,13 @@ def load_dataset(
         Images decoded into memory: the most worker processes decoding 2,000 files or
         more (the same pixels as in one process); 0: this process only. Default: one
         per CPU.
+    split_folders : list of str, optional
+        Image folder: the top-level folders that are splits over the same class folders
+        (``DATA/<split>/<class>/...``). Default: detected, when every top-level folder
+        is a split name (``train``, ``val``, ``valid``, ``validation``, ``test``,
+        ``dev``, ... any case) holding folders; ``["none"]``: never read as splits.
+        The splits are audited together; ``LoadedDataset.splits`` names each
+        example's split.
 
     Returns
     -------
@@ -89,6 +97,13 @@ def load_dataset(
     spaces are dropped) and sorted into class indices, numerically when every label is
     an integer (so ``"10"`` comes after ``"9"``). Only classes with at least one kept
     example are listed.
+
+    Class names and labels are put in Unicode NFC (``café`` written by Linux and by
+    macOS are one class); each merge is a note.
+
+    Image folders: a Hugging Face ``imagefolder`` ``metadata.csv`` / ``metadata.jsonl``
+    (``file_name`` and ``label_column``) at the root or in each split folder is read as
+    a manifest.
 
     Images: every file in a class folder, at any depth, is tried as one of
     ``IMAGE_FORMATS`` (hidden files and folders, whose name starts with ``.``, are
@@ -141,7 +156,8 @@ def load_dataset(
             raise DataError(
                 f"task {task!r} needs a manifest or table with numeric targets, but {shown} is an image folder"
             )
-        return _load_image_folder(root, shown, image_size=image_size, max_memory_gb=max_memory_gb, workers=workers)
+        return _load_image_folder(root, shown, image_size=image_size, max_memory_gb=max_memory_gb, workers=workers,
+                                  split_folders=split_folders, label_column=label_column)
 
     if format == "images":
         raise DataError(f"format 'images' needs a folder of class subfolders, but {shown} is a file")

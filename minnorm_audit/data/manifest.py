@@ -67,6 +67,10 @@ def _load_manifest(
     for row, reason in label_reasons.items():
         reasons.setdefault(row, reason)
 
+    notes: list[str] = []
+    repeated = _repeated_files(file_paths, reasons, label_texts if label_texts is not None else
+                               [_cell_text(value) for value in all_targets.tolist()], notes, shown)
+    reasons.update(repeated)
     # Only the rows still in play are read.
     to_read = [row for row in range(len(frame)) if row not in reasons]
     decoded: dict[int, _DecodedImage] = {}
@@ -84,7 +88,7 @@ def _load_manifest(
     if label_texts is None:  # regression
         kept_targets = np.ascontiguousarray(all_targets[kept_rows])
         kept = [(written_paths[row], "", decoded[row]) for row in kept_rows]
-        return _image_dataset(
+        loaded = _image_dataset(
             manifest_path,
             kept,
             [],
@@ -94,9 +98,41 @@ def _load_manifest(
             task="regression",
             target_names=[label_column],
         )
+        loaded.notes = notes + loaded.notes
+        return loaded
     kept = [(written_paths[row], label_texts[row], decoded[row]) for row in kept_rows]
-    class_names, targets = _class_indices([label for _, label, _ in kept], shown)
-    return _image_dataset(manifest_path, kept, class_names, targets, set_aside, image_size)
+    class_names, targets = _class_indices([label for _, label, _ in kept], shown, notes=notes)
+    loaded = _image_dataset(manifest_path, kept, class_names, targets, set_aside, image_size)
+    loaded.notes = notes + loaded.notes
+    return loaded
+
+
+def _repeated_files(
+    file_paths: dict[int, Path], reasons: dict[int, str], labels: list[str], notes: list[str], shown: str
+) -> dict[int, str]:
+    """{row: reason} for each row naming a file an earlier row already named: one file
+    is one example (two rows would share one ``source``, and ``clean`` would keep both).
+    The first row is kept; a later row with another label is a conflict a person must
+    settle, said in its reason and in a note."""
+    first_row: dict[Path, int] = {}
+    repeated: dict[int, str] = {}
+    conflicts = 0
+    for row in sorted(file_paths):
+        if row in reasons:
+            continue
+        first = first_row.setdefault(file_paths[row], row)
+        if first == row:
+            continue
+        if labels[row] == labels[first]:
+            repeated[row] = f"same file as row {first}, listed again"
+        else:
+            conflicts += 1
+            repeated[row] = (f"same file as row {first}, labeled {labels[first]!r} there and {labels[row]!r} here: "
+                             f"conflicting labels, row {first} kept; a person must decide")
+    if repeated:
+        notes.append(f"{shown}: {len(repeated)} rows name a file an earlier row names ({conflicts} with another "
+                     "label); each file is audited once, with its first row's label, and the repeats are set aside")
+    return repeated
 
 
 # "C:\\photos\\x.jpg", "C:/photos/x.jpg": absolute on Windows, whatever the OS reading it.

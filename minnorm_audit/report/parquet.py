@@ -107,6 +107,20 @@ EXAMPLES_DESCRIPTIONS: dict[str, str] = {
         "Final multiplier per class, in the order of class_names in the metadata (written for "
         "up to 100 classes)."
     ),
+    # issue 22 (score_duplicates.py): splits, duplicates, conflicting copies, leaks.
+    "split": "The split folder the example lies in (a split root DATA/<split>/<class>/...).",
+    "duplicate_group": "Group of exact or near copies the example belongs to (null: none).",
+    "duplicate_of": "Source of the example's nearest copy (null: none).",
+    "duplicate_distance": "Distance to the nearest copy in the duplicate search's features (0: exact copy).",
+    "duplicate_kind": "'exact' (same decoded pixels or row values) or 'near' (closer than the calibrated radius).",
+    "duplicate_labels": "The labels the copies of the group carry, '|'-separated.",
+    "duplicate_verdict": (
+        "'agree' (the copies carry one label), 'mislabeled' (the group and the network contradict this "
+        "copy's label), 'supported' (the label the evidence supports), 'conflicting' (a person must decide), "
+        "'too large' (a group of over 1% of the data: inputs that do not tell examples apart; not judged)."
+    ),
+    "duplicate_evidence": "Why, e.g. 'duplicate of train/7/12.png labeled 7 (...)'.",
+    "leak": "True when a copy of the example lies in another split.",
 }
 
 SET_ASIDE_DESCRIPTIONS: dict[str, str] = {

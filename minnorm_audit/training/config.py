@@ -121,6 +121,8 @@ class FitResult:
     final_predicted: np.ndarray | None = None
     # The trained Minnorm, read by state_rows() when the arrays above were not built.
     minnorm: Minnorm | None = field(default=None, repr=False)
+    # The trained network (its penultimate features find near duplicates).
+    model: Any = field(default=None, repr=False)
 
     def state_rows(self, state: str, start: int, stop: int) -> np.ndarray:
         """Examples ``start:stop`` of one state (:data:`SCORE_STATES`), ``(rows, outputs)``."""

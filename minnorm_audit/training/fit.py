@@ -419,6 +419,7 @@ def finish(run: TrainingRun, train_seconds: float) -> FitResult:
         final_margins=final_margins,
         final_predicted=final_predicted,
         minnorm=run.optimizer,
+        model=run.model,
         history=run.history,
         epochs_run=len(run.history),
         train_seconds=train_seconds,
