@@ -45,7 +45,7 @@ RULE_DESCRIPTIONS = {
     "none": "keep every example a reviewer did not decide on",
 }
 _EXAMPLE_COLUMNS = ("source", "given_label", "suggested_label", "given_target", "flag", "difficulty",
-                    # drop-duplicates (issue 22)
+                    # drop-duplicates
                     "example_id", "split", "duplicate_group", "duplicate_verdict")
 
 

@@ -107,7 +107,7 @@ EXAMPLES_DESCRIPTIONS: dict[str, str] = {
         "Final multiplier per class, in the order of class_names in the metadata (written for "
         "up to 100 classes)."
     ),
-    # issue 22 (score_duplicates.py): splits, duplicates, conflicting copies, leaks.
+    # score_duplicates.py: splits, duplicates, conflicting copies, leaks.
     "split": "The split folder the example lies in (a split root DATA/<split>/<class>/...).",
     "duplicate_group": "Group of exact or near copies the example belongs to (null: none).",
     "duplicate_of": "Source of the example's nearest copy (null: none).",
