@@ -6,6 +6,7 @@ Used by ``benchmarks/label_noise.py`` (the report) and ``benchmarks/tune_scoring
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -112,6 +113,28 @@ def with_hard_examples(dataset: Dataset, fraction: float, seed: int) -> Dataset:
         dataset.num_classes,
         hard=np.concatenate([np.zeros(len(labels), bool), np.ones(count, bool)]),
     )
+
+
+def digits28(part: str, seed: int, copies: int = 3) -> Dataset:
+    images, labels = load_bundled_digits()
+    rows = np.arange(len(labels))[(0 if part == "tuning" else 1)::2]
+    generator = torch.Generator().manual_seed(1000 * seed + (0 if part == "tuning" else 1))
+    source = torch.as_tensor(images[rows], dtype=torch.float32)[:, None] / 16.0
+    source = torch.nn.functional.interpolate(source, size=(28, 28), mode="bilinear", align_corners=False)
+    out = []
+    for _ in range(copies):
+        n = len(rows)
+        angle = (torch.rand(n, generator=generator) * 2 - 1) * math.radians(12)
+        scale = 0.9 + 0.2 * torch.rand(n, generator=generator)
+        shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (2 / 14)
+        cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+        theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, source.shape, align_corners=False)
+        moved = torch.nn.functional.grid_sample(source, grid, align_corners=False)
+        moved = (moved + 0.05 * torch.randn(moved.shape, generator=generator)).clamp(0, 1)
+        out.append(moved.reshape(n, -1))
+    features = torch.cat(out).numpy().astype(np.float32)
+    return Dataset(f"digits28-{part}", features, np.tile(labels[rows], copies).astype(np.int64), 10)
 
 
 # ---------------------------------------------------------------------------- noise

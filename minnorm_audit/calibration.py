@@ -1,5 +1,6 @@
-"""The calibrated flag rule: thresholds set by what each class's own examples show, the
-outlier check, and the verdict on a network that has not learned the data.
+"""The flag rule: count each class's wrong labels, then flag that many from the top of
+the ranking; the outlier check against the data's core; and the verdict on a network
+that has not learned the data.
 
 Pure numpy, one value per example, like scoring.py (score_run.py reads a trained run
 into these functions). Measured with benchmarks/verdicts.py; the thresholds were chosen
@@ -12,37 +13,20 @@ from typing import Any
 
 import numpy as np
 
-# The calibrated rule's thresholds, in robust z units (how many robust spreads, 1.4826 x
+# The hard and outlier thresholds, in robust z units (how many robust spreads, 1.4826 x
 # the median absolute deviation, above the median of the class's own examples). Chosen
-# on the tuning part only (digits, gmm-k5-d16, gmm-k10-d32; benchmarks/verdicts.py,
-# seed 0): at 2.5 the mislabeled flag had precision 0.99 / recall 0.97 on 10% flips
-# and called 9% of correct-but-ambiguous rows mislabeled (a 2.0 threshold: recall
-# +1%, ambiguous +1.5%; 3.0: digits recall 0.77); hard took 1% of clean examples (2.0:
-# 2.7%); the outlier pair kept 77% of planted outliers at 2% of clean examples
-# (distance 2.25: 85% at 3%).
-# The mislabeled threshold is measured against the class's FITTED examples
-# (benchmarks/flag_rules.py, tuning tables and the digits as images with the CNN, seed 0,
-# mean flag F1 over symmetric/asymmetric x 10%/30% and the clean share flagged):
-# every example as the null at 2.5: tables 0.921, CNN 0.511, clean up to 2.0%; fitted
-# null at 2.5: 0.976, 0.786, clean up to 3.1%; at 3.0 (kept): 0.973, 0.749, clean 0.29%
-# (tables) and 1.56% (CNN); re-estimated among the fitted examples without those above
-# the threshold (kept): 0.974, 0.763, and on 784-feature proxies (benchmarks/highdim.py
-# tuning part) 0.769 vs 0.745 fitted alone and 0.600 with every example. Trimming every
-# example instead of the fitted ones: 0.970 / 0.685; dropping the "preferred on average"
-# and "still violated" gates: 0.951 / 0.747 / 0.794 with more clean rows flagged.
-MISLABELED_Z = 3.0
+# on the tuning part of benchmarks/verdicts.py: hard takes under 1% of clean examples,
+# the outlier test keeps planted junk (uniform noise, near-blank scans, 3% of the data)
+# at 93-100% with under 2% of flips called outlier. The mislabeled flag has no
+# threshold: error_groups counts, count_then_rank picks (see there for the figures).
 HARD_Z = 2.5
 OUTLIER_DISTANCE_Z = 2.5
-OUTLIER_FIT_Z = 0.5
 # A class needs this many examples for the mixture that counts its errors.
 MIN_MIXTURE_EXAMPLES = 10
 # A class needs this many examples for its own median and spread; smaller classes
 # are measured against all examples.
 MIN_CLASS_EXAMPLES = 5
-# The mislabeled null is re-estimated without the examples above the threshold at most
-# this many times (it settles in a few).
-NULL_ROUNDS = 50
-# Neighbour distances: mean chord distance (cosine geometry) to this many nearest rows
+# Core distances: mean chord distance (cosine geometry) to this many nearest core rows
 # of a fixed random reference sample of at most REFERENCE_ROWS rows.
 NEIGHBOURS = 10
 REFERENCE_ROWS = 4096
@@ -85,119 +69,6 @@ def per_class_location_scale(
     return medians, scales
 
 
-def fitted_null(
-    preference: np.ndarray, labels: np.ndarray, class_count: int, fitted: np.ndarray,
-    medians: np.ndarray, scales: np.ndarray, threshold: float, *, floor: float = 1e-9,
-    max_rounds: int = NULL_ROUNDS,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per class, the median and robust spread of the preference among the class's
-    fitted examples that are not themselves above ``threshold``, ``(K,)`` each.
-
-    Starts from the fitted examples (the network predicts their given label at the
-    end) and re-estimates without the ones at or above ``threshold`` robust spreads
-    until nothing changes (at most ``max_rounds`` times): a wide network memorizes
-    many flipped labels by the end (784-feature digits, 30% flips: 84% of them), so
-    "fitted" alone still lets them into the null. A class with fewer than
-    MIN_CLASS_EXAMPLES such examples keeps ``medians`` / ``scales`` (every example).
-    """
-    null_medians, null_scales = medians, scales
-    keep = fitted
-    for _ in range(max_rounds):
-        found = per_class_location_scale(preference[keep], labels[keep], class_count, floor=floor)
-        enough = np.bincount(labels[keep], minlength=class_count) >= MIN_CLASS_EXAMPLES
-        new_medians, new_scales = np.where(enough, found[0], medians), np.where(enough, found[1], scales)
-        if np.allclose(new_medians, null_medians) and np.allclose(new_scales, null_scales):
-            break
-        null_medians, null_scales = new_medians, new_scales
-        keep = fitted & ((preference - null_medians[labels]) / null_scales[labels] < threshold)
-    return null_medians, null_scales
-
-
-def neighbour_distances(
-    features: np.ndarray,
-    labels: np.ndarray | None = None,
-    classes: np.ndarray | None = None,
-    *,
-    neighbours: int = NEIGHBOURS,
-    reference_rows: int = REFERENCE_ROWS,
-    seed: int = 0,
-    block_elements: int = 1 << 22,
-) -> np.ndarray:
-    """Each row's mean chord distance to its ``neighbours`` nearest rows of a reference
-    sample, after standardizing every column and scaling every row to unit length;
-    with ``labels`` and ``classes``, to the nearest reference rows *labeled*
-    ``classes[i]`` (the class the row is measured against).
-
-    The chord distance ``sqrt(2 - 2 cos)`` is in [0, 2]: a row pointing the way no
-    other row points (independent noise, another domain) sits at about sqrt(2) from
-    everything, while a row of the data sits near rows like it. Measuring against one
-    class's rows keeps a bunch of similar outliers from being each other's neighbours
-    (their random labels split them up). The reference sample holds up to
-    ``reference_rows`` rows, at least ``neighbours + 1`` of every class where the
-    class has them, drawn with ``seed``; a row in it does not count itself. Memory is
-    bounded by ``block_elements`` distances at a time.
-
-    Parameters
-    ----------
-    features : ndarray, shape (n_examples, n_features)
-    labels : ndarray of int, shape (n_examples,), optional
-        The given labels (which reference rows belong to which class).
-    classes : ndarray of int, shape (n_examples,), optional
-        The class each row is measured against (default: ``labels``).
-
-    Returns
-    -------
-    ndarray of float64, shape (n_examples,)
-        NaN for a row whose class has no other reference row.
-    """
-    features = np.asarray(features)
-    count = features.shape[0]
-    if count < 2:
-        return np.zeros(count)
-    rng = np.random.default_rng(seed)
-    if labels is None:
-        reference = rng.choice(count, size=min(reference_rows, count), replace=False)
-    else:
-        labels = np.asarray(labels, dtype=np.int64)
-        classes = labels if classes is None else np.asarray(classes, dtype=np.int64)
-        present = np.unique(labels)
-        quota = max(neighbours + 1, reference_rows // max(len(present), 1))
-        reference = np.concatenate([
-            rng.choice(rows, size=min(quota, rows.size), replace=False)
-            for rows in (np.flatnonzero(labels == label) for label in present)
-        ])
-    reference.sort()
-    sample = features[reference].astype(np.float64)
-    mean = sample.mean(0)
-    std = sample.std(0)
-    std = np.where(std > 0, std, 1.0)
-
-    def unit_rows(block: np.ndarray) -> np.ndarray:
-        block = (block.astype(np.float64) - mean) / std
-        norms = np.linalg.norm(block, axis=1, keepdims=True)
-        return block / np.where(norms > 0, norms, 1.0)
-
-    reference_unit = unit_rows(sample)
-    k = max(1, min(neighbours, len(reference) - 1))
-    distances = np.empty(count)
-    if labels is None:
-        nearest_mean_distances(features, np.arange(count), reference, reference_unit, unit_rows, k,
-                               block_elements, distances)
-        return distances
-    # Each row against the reference rows of its class only: the same neighbours as
-    # masking all the others, at 1/K of the work.
-    reference_labels = labels[reference]
-    for label in np.unique(classes):
-        columns = np.flatnonzero(reference_labels == label)
-        rows = np.flatnonzero(classes == label)
-        if columns.size == 0:
-            distances[rows] = np.nan
-            continue
-        nearest_mean_distances(features, rows, reference[columns], reference_unit[columns], unit_rows, k,
-                               block_elements, distances)
-    return distances
-
-
 def nearest_mean_distances(
     features: np.ndarray, rows: np.ndarray, reference: np.ndarray, reference_unit: np.ndarray,
     unit_rows: Any, k: int, block_elements: int, out: np.ndarray,
@@ -217,34 +88,6 @@ def nearest_mean_distances(
         finite = np.isfinite(nearest)
         with np.errstate(invalid="ignore", divide="ignore"):
             out[block] = np.where(finite, nearest, 0.0).sum(1) / finite.sum(1)
-
-
-def distance_scores(
-    distance: np.ndarray,
-    labels: np.ndarray,
-    class_count: int,
-    *,
-    competing_distance: np.ndarray | None = None,
-    competing: np.ndarray | None = None,
-    floor: float = 1e-9,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """How far each example is from the rows of its class, in robust spreads above the
-    median distance of that class's own examples (:func:`per_class_location_scale`);
-    with the competing class's distances, the smaller of the two: far from the given
-    class's rows AND from the competing class's (a flipped label sits among the rows
-    of its true class). Returns the z-scores and the per-class medians and spreads."""
-    distance = np.asarray(distance, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.int64)
-    medians, scales = per_class_location_scale(distance, labels, class_count, floor=floor)
-    # A class whose rows all point the same way (a few near-identical rows) has almost
-    # no spread; a row must still be clearly farther than the class's median to count.
-    scales = np.maximum(scales, MIN_RELATIVE_DISTANCE_SPREAD * medians)
-    z = (distance - medians[labels]) / scales[labels]
-    if competing_distance is not None and competing is not None:
-        competing = np.asarray(competing, dtype=np.int64)
-        competing_z = (np.asarray(competing_distance, dtype=np.float64) - medians[competing]) / scales[competing]
-        z = np.fmin(z, np.where(competing == labels, z, competing_z))
-    return z, medians, scales
 
 
 def error_groups(
@@ -447,7 +290,6 @@ def calibrated_flags(
     core: np.ndarray | None = None,
     hard_z: float = HARD_Z,
     outlier_distance_z: float = OUTLIER_DISTANCE_Z,
-    outlier_fit_z: float = OUTLIER_FIT_Z,
     seed: int = 0,
     floor: float = 1e-9,
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -464,8 +306,7 @@ def calibrated_flags(
     3. ``outlier`` (overrides both): far from the data's core (:func:`core_distances`):
        the distance at least ``outlier_distance_z`` robust spreads above the median
        distance of the core rows of its given class AND of its suggested class (a flip
-       sits among the core of its true class), and fitted worse than a typical member
-       of its class (``z >= outlier_fit_z``). It belongs to no class; its suggested
+       sits among the core of its true class). It belongs to no class; its suggested
        label means nothing.
 
     Parameters
@@ -507,7 +348,7 @@ def calibrated_flags(
     flags[z >= hard_z] = "hard"
     flags[mislabeled] = "mislabeled"
     rule: dict[str, Any] = {"hard_z": float(hard_z), "outlier_distance_z": float(outlier_distance_z),
-                            "outlier_fit_z": float(outlier_fit_z), "class_groups": groups,
+                            "class_groups": groups,
                             "class_medians": medians, "class_scales": scales}
     if distance is not None and core is not None:
         distance = np.asarray(distance, dtype=np.float64)

@@ -315,10 +315,9 @@ def describe_calibrated_rule(
     )
     if with_distance:
         text += (f"outlier (overrides both): mean distance to the {NEIGHBOURS} nearest rows of the data's core (the "
-                 "typical half of every class; standardized inputs, cosine geometry) at least "
+                 "rows whose nearest neighbours mostly share their label; standardized inputs, cosine geometry) at least "
                  f"{rule['outlier_distance_z']:g} robust spreads above the median distance of the core rows of its "
-                 f"given class and of its suggested class, and fitted worse than a typical member of its class "
-                 f"(z >= {rule['outlier_fit_z']:g}). ")
+                 "given class and of its suggested class. ")
     else:
         text += "outlier: not checked. "
     text += "ok: everything else."

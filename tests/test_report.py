@@ -548,7 +548,8 @@ def test_plain_words_summary_and_next_step(image_run, image_page: str) -> None:
     plain = " ".join(html_lib.unescape(plain).split())
     assert f"{contents['summary']['num_examples']} examples, {counts['mislabeled']} look mislabeled" in plain
     assert f"Next step: review the {counts['mislabeled']} likely mislabeled examples" in plain
-    assert "expect about" not in plain  # the flag rule gives no estimate in this run
+    expected = round(contents["summary"]["flag_rule"]["expected_errors_among_flagged"])
+    assert f"expect about {expected} of them to be real label errors" in plain
     assert "minnorm-audit clean " in plain
     # Solver words stay in "How it scores".
     for word in ("Lagrange", "multiplier", "spread"):

