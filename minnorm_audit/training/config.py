@@ -58,6 +58,9 @@ class TrainConfig:
     multiplier_store: str = "auto"
     multiplier_slots: int | None = None
     multiplier_memory_gb: float = 1.0
+    # "initial": the norm term is the change from the weights training starts at
+    # (fine-tuning a pretrained backbone, Minnorm's norm_anchor); None: from 0.
+    norm_anchor: str | None = None
     # The resume checkpoint is rewritten once this many seconds have passed since the
     # last write (0: after every epoch), after the last epoch, and when training stops
     # early (Ctrl-C, divergence): then with the state of the last finished epoch.
