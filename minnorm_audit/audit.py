@@ -28,6 +28,7 @@ from .training import (
     TrainConfig,
     build_model,
     build_streamed_model,
+    default_batch_size,
     default_epochs,
     fit,
     is_main_process,
@@ -325,10 +326,17 @@ def training_targets(loaded: LoadedDataset) -> TrainingTargets:
 
 
 def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOptions:
-    """``settings`` with ``train.epochs`` set: as given, or when None the default budget
-    of the network the audit builds (:func:`~minnorm_audit.training.default_epochs`:
-    10 epochs for the MLP on a classification task when that is at least 150 optimizer
-    steps, else 20)."""
+    """``settings`` with ``train.batch_size`` and ``train.epochs`` set: as given, or
+    when None the small-data rule's batch size
+    (:func:`~minnorm_audit.training.default_batch_size`: 128, or examples / 8 below
+    1,024 examples) and the default budget of the network the audit builds
+    (:func:`~minnorm_audit.training.default_epochs`: 10 epochs for the MLP on a
+    classification task when that is at least 150 optimizer steps, else 20)."""
+    if settings.train.batch_size is None:
+        # Under torchrun the global batch is split over the ranks.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batch = max(1, default_batch_size(len(loaded.targets)) // world)
+        settings = replace(settings, train=replace(settings.train, batch_size=batch))
     if settings.train.epochs is not None:
         return settings
     is_image = isinstance(loaded.inputs, LazyImages) or loaded.inputs.ndim == 4
@@ -337,6 +345,7 @@ def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOpt
         network = "finetune" if settings.finetune else frozen_head(settings)
     # Under torchrun every rank takes batch_size examples a step.
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    assert settings.train.batch_size is not None
     epochs = default_epochs(network, len(loaded.targets), settings.train.batch_size * world,
                             classification=loaded.task == "classification")
     return replace(settings, train=replace(settings.train, epochs=epochs))

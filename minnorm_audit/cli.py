@@ -28,7 +28,7 @@ def _training_options(function: Any, *, image_size: int | None = None) -> Any:
     options = [
         click.option("--model", default="auto", help="auto (MLP for tables, plain CNN for images, a linear head on --backbone features), linear, mlp, cnn, or a torchvision model name (trained from random weights: for pretrained ones use --backbone)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (the stopping rule: a fixed dual-time budget) [default: 10 for the MLP on a classification task when that is at least 150 optimizer steps, else 20]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=defaults.batch_size),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Examples per optimizer step [default: 128, or examples / 8 (at least 8) below 1,024 examples, so that small sets get enough steps to fit]."),
         click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=defaults.optimizer, help="Base optimizer Minnorm wraps."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults.lr, help="Weight learning rate."),
         click.option("--dual-lr", type=click.FloatRange(min=0, min_open=True), default=defaults.dual_lr, help="Multiplier (dual ascent) step size."),
