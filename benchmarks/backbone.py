@@ -252,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"pretrained on digits 0-4 (seed 0; small cells: seeds {args.small_seeds}, whole set: {args.seeds}) "
               f"in {time.perf_counter() - started:.1f} s; TorchScript vs ONNX features: "
               f"largest difference {difference:.2e}\n", flush=True)
+        if args.large:
+            row = large_row(script, args.large_count, args.seeds[0])
+            print(f"{args.large_count:,} images, frozen backbone, linear head: features {row['features_s']:.1f} s "
+                  f"(once, CPU, float32), head training {row['train_s']:.1f} s ({row['epochs']} epochs, batch "
+                  f"{row['batch']}), whole audit {row['s']:.1f} s; AP {row['ap']:.3f}, flag F1 {row['f1']:.3f}, "
+                  f"train acc {row['acc']:.3f}, conclusive {row['conclusive']}\n", flush=True)
         images, labels = digits_images()
         target = labels >= 5
         images, labels = images[target], labels[target] - 5
@@ -271,12 +277,6 @@ def main(argv: list[str] | None = None) -> None:
                     name = f"{per_class}/class" if per_class else f"all ({len(labels)})"
                     print(f"| {name} | {rate:.0%} | {method} | {ap:.3f} | {f1:.3f} | {concl} | {acc} | "
                           f"{np.mean([r['s'] for r in rows]):.1f} |", flush=True)
-        if args.large:
-            row = large_row(script, args.large_count, args.seeds[0])
-            print(f"\n{args.large_count:,} images, frozen backbone, linear head: features {row['features_s']:.1f} s "
-                  f"(once, CPU, float32), head training {row['train_s']:.1f} s ({row['epochs']} epochs, batch "
-                  f"{row['batch']}), whole audit {row['s']:.1f} s; AP {row['ap']:.3f}, flag F1 {row['f1']:.3f}, "
-                  f"train acc {row['acc']:.3f}, conclusive {row['conclusive']}")
 
 
 if __name__ == "__main__":
