@@ -242,3 +242,32 @@ def test_cli_missing_weights_and_help(hub, tmp_path):
     assert "mobilenet_v3_small-047dcff4.pth" in outcome.output and "TORCH_HOME" in outcome.output
     help_text = runner.invoke(main, ["run", "--help"]).output
     assert "N x 3 x H x W in [0, 1]" in " ".join(help_text.split()) and "--finetune" in help_text
+
+
+def test_page_shows_the_backbone(script_file, tmp_path):
+    x, y = separable_images(per_class=6)
+    result = minnorm_audit.audit((x, y), out=tmp_path / "run", backbone=str(script_file), image_size=16,
+                                 device="cpu", epochs=2)
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert ">Backbone<" in page and result.summary["backbone"]["weights_sha256"] in page
+    assert "feature_cache.file" in page and result.summary["backbone"]["feature_cache"]["file"] in page
+
+
+def test_inconclusive_image_audit_from_scratch_names_backbone(tmp_path):
+    x, y = separable_images(per_class=6)
+    # A learning rate too small to learn anything: the audit must be inconclusive.
+    result = minnorm_audit.audit((x, y), out=tmp_path / "run", image_size=16, device="cpu", epochs=1, lr=1e-7)
+    assert result.summary["inconclusive"] and "--backbone" in result.summary["inconclusive"]["reason"]
+    table = minnorm_audit.audit((x.reshape(len(x), -1)[:, :20].astype(np.float32), y), out=tmp_path / "table",
+                                device="cpu", epochs=1, lr=1e-7)
+    assert table.summary["inconclusive"] and "--backbone" not in table.summary["inconclusive"]["reason"]
+
+
+def test_small_data_rule_and_image_size_default():
+    from minnorm_audit.options import AuditOptions
+    from minnorm_audit.training import default_batch_size
+
+    assert [default_batch_size(n) for n in (20, 100, 300, 1023, 1024, 50_000)] == [8, 12, 37, 127, 128, 128]
+    assert AuditOptions().resolved_image_size() == 32
+    assert AuditOptions(backbone="resnet50").resolved_image_size() == 224
+    assert AuditOptions(backbone="resnet50", image_size=64).resolved_image_size() == 64
