@@ -150,7 +150,8 @@ def load_backbone(spec: str, *, weights: str | Path | None = None) -> Backbone:
         or timm missing for what needs them.
     """
     path = Path(spec).expanduser()
-    if path.suffix.lower() == ".onnx" or path.is_file():
+    looks_like_file = path.suffix.lower() in (".onnx", ".pt", ".pth", ".ts", ".torchscript") or "/" in spec
+    if looks_like_file or path.is_file():
         if weights is not None:
             raise BackboneError(f"--weights applies to a torchvision or timm name; {spec} is a file that holds its own")
         if not path.is_file():

@@ -126,6 +126,8 @@ def test_weights_file_and_bad_names_are_one_line(hub, tmp_path):
         load_backbone("mobilenet_v3_small:IMAGENET9K")
     with pytest.raises(BackboneError, match="not a file and not a torchvision"):
         load_backbone("no_such_net")
+    with pytest.raises(BackboneError, match="backbone file .*gone.pt does not exist"):
+        load_backbone(str(tmp_path / "gone.pt"))
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(BackboneError, match="not a TorchScript file"):
         load_backbone(str(tmp_path / "junk.pt"))
