@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--sizes", nargs="+", default=["20", "60", "all"])
     parser.add_argument("--methods", nargs="+", default=["scratch", "bb-linear", "bb-mlp", "cleanlab", "knn"])
+    parser.add_argument("--backbone-file", type=Path, default=None,
+                        help="A TorchScript backbone made by an earlier run (skips pretraining).")
     parser.add_argument("--large", action="store_true", help="Also the 50,000-image frozen-feature row.")
     parser.add_argument("--large-count", type=int, default=50_000)
     args = parser.parse_args(argv)
@@ -248,8 +250,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{cleanlab.__version__}, scikit-learn {sklearn.__version__}, python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
-        script, onnx_file, difference = pretrain(Path(folder))
-        print(f"pretrained on digits 0-4 (seed 0; small cells: seeds {args.small_seeds}, whole set: {args.seeds}) "
+        if args.backbone_file is not None:
+            script, difference = args.backbone_file, float("nan")
+        else:
+            script, _, difference = pretrain(Path(folder))
+        print(f"{'given' if args.backbone_file else 'pretrained'} on digits 0-4 (seed 0; small cells: seeds {args.small_seeds}, whole set: {args.seeds}) "
               f"in {time.perf_counter() - started:.1f} s; TorchScript vs ONNX features: "
               f"largest difference {difference:.2e}\n", flush=True)
         if args.large:
