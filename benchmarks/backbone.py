@@ -185,7 +185,8 @@ def knn_scores(features: np.ndarray, labels: np.ndarray, flipped: np.ndarray, k:
 
 
 def cell(images: np.ndarray, labels: np.ndarray, per_class: int | None, rate: float, seed: int, script: Path,
-         methods: list[str]) -> dict[str, dict]:
+         methods: list[str], extra: dict | None = None) -> dict[str, dict]:
+    extra = extra or {}
     rng = np.random.default_rng(seed)
     rows = np.arange(len(labels))
     if per_class is not None:
@@ -198,10 +199,10 @@ def cell(images: np.ndarray, labels: np.ndarray, per_class: int | None, rate: fl
     features = extract_features(backbone, torch.from_numpy(x), torch.device("cpu")).numpy()
     for method in methods:
         if method == "scratch":
-            out[method] = run_audit(x, noisy, flipped, seed=seed)
+            out[method] = run_audit(x, noisy, flipped, seed=seed, **extra)
         elif method in ("bb-linear", "bb-mlp"):
             out[method] = run_audit(x, noisy, flipped, seed=seed, backbone=str(script),
-                                    model="linear" if method == "bb-linear" else "mlp")
+                                    model="linear" if method == "bb-linear" else "mlp", **extra)
         elif method == "cleanlab":
             out[method] = cleanlab_scores(features, noisy, flipped, seed)
         elif method == "knn":
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=["scratch", "bb-linear", "bb-mlp", "cleanlab", "knn"])
     parser.add_argument("--backbone-file", type=Path, default=None,
                         help="A TorchScript backbone made by an earlier run (skips pretraining).")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="An audit option for the minnorm runs, e.g. --set batch_size=128 (the rule before the small-data one).")
     parser.add_argument("--large", action="store_true", help="Also the 50,000-image frozen-feature row.")
     parser.add_argument("--large-count", type=int, default=50_000)
     args = parser.parse_args(argv)
@@ -272,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
             per_class = None if size == "all" else int(size)
             for rate in args.rates:
                 seeds = args.small_seeds if per_class else args.seeds
-                runs = [cell(images, labels, per_class, rate, seed, script, args.methods) for seed in seeds]
+                extra = {key: float(value) if "." in value or "e" in value else int(value)
+                         for key, value in (item.split("=", 1) for item in args.set)}
+                runs = [cell(images, labels, per_class, rate, seed, script, args.methods, extra) for seed in seeds]
                 for method in args.methods:
                     rows = [run[method] for run in runs]
                     ap = np.mean([r["ap"] for r in rows])
