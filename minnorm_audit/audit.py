@@ -29,6 +29,7 @@ from .training import (
     TrainConfig,
     build_model,
     build_streamed_model,
+    default_batch_size,
     default_epochs,
     fit,
     is_main_process,
@@ -179,7 +180,7 @@ def load_input(data: Any, settings: AuditOptions) -> LoadedDataset:
             label_column=settings.label_column,
             path_column=settings.path_column,
             task=settings.task,
-            image_size=settings.image_size,
+            image_size=settings.resolved_image_size(),
             feature_columns=settings.feature_columns,
             data_root=settings.data_root,
             max_memory_gb=settings.train.max_memory_gb,
@@ -193,9 +194,9 @@ def load_input(data: Any, settings: AuditOptions) -> LoadedDataset:
         return load_frame(data, label_column=settings.label_column, feature_columns=settings.feature_columns,
                           task=settings.task, ignore_columns=settings.ignore_columns)
     if isinstance(data, tuple) and len(data) == 2:
-        return load_arrays(data[0], data[1], task=settings.task, image_size=settings.image_size)
+        return load_arrays(data[0], data[1], task=settings.task, image_size=settings.resolved_image_size())
     if isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
-        return load_torch_dataset(data, task=settings.task, image_size=settings.image_size)
+        return load_torch_dataset(data, task=settings.task, image_size=settings.resolved_image_size())
     raise TypeError(
         "data must be a path, a pandas DataFrame, a tuple (X, y) of arrays or a torch Dataset, "
         f"got {type(data).__name__}"
@@ -220,18 +221,75 @@ def run_audit(
     Under torchrun every rank trains and scores (the results agree); rank 0 alone
     writes the run folder.
     """
-    settings = with_usable_workers(with_epoch_budget(settings, loaded))
+    settings = with_usable_workers(settings)
     check_run_dir(run_dir, loaded, settings)
     started = time.perf_counter()
+    # With a frozen backbone the head trains and is scored on the cached features; the
+    # page's thumbnails still come from the images (``loaded``).
+    trained_on, backbone_record = backbone_inputs(loaded, settings, run_dir)
+    settings = with_epoch_budget(settings, trained_on)
     targets = training_targets(loaded)
-    result = train(loaded, settings, targets, run_dir, resume=resume, progress=progress)
-    examples, flag_rule = score(result, loaded, settings, targets)
+    result = train(trained_on, settings, targets, run_dir, resume=resume, progress=progress)
+    examples, flag_rule = score(result, trained_on, settings, targets)
     timings = {"load_s": load_seconds, "train_s": result.train_seconds,
                "total_s": load_seconds + (time.perf_counter() - started)}
+    if backbone_record is not None:
+        timings["features_s"] = backbone_record.get("feature_cache", {}).get("seconds_this_run", 0.0)
     record = describe_run(examples, flag_rule, result, loaded, settings, timings=timings, demo=demo)
+    if backbone_record is not None:
+        record.summary["backbone"] = backbone_record
+        record.metadata["backbone"] = backbone_record
+    elif loaded.kind == "images" and record.summary.get("inconclusive"):
+        # From scratch, few images may never fit; a pretrained backbone is what works.
+        record.summary["inconclusive"]["reason"] += IMAGES_ADVICE
     if is_main_process():  # under torchrun, rank 0 alone writes
         write_run_folder(run_dir, examples, record, loaded, settings.gallery_size, render=render)
     return AuditResult(examples=examples, summary=record.summary, run_dir=run_dir, set_aside=record.set_aside)
+
+
+IMAGES_ADVICE = ("; with photos, audit through a pretrained network instead: --backbone resnet50 "
+                 "(a torchvision or timm name, or a TorchScript / ONNX file, see --help)")
+
+
+def backbone_inputs(
+    loaded: LoadedDataset, settings: AuditOptions, run_dir: Path
+) -> tuple[LoadedDataset, dict[str, Any] | None]:
+    """What the network trains on, and what the summary records of the backbone.
+
+    No backbone: ``loaded`` as it is. Frozen: ``loaded`` with the backbone's features
+    (float32 ``(N, D)``, from the run folder's cache when there) as inputs.
+    ``--finetune``: ``loaded`` as it is (the images; :func:`train` builds the network).
+    """
+    if not settings.backbone:
+        if settings.finetune or settings.weights is not None:
+            raise ValueError("--finetune and --weights need --backbone")
+        return loaded, None
+    from .backbone import load_backbone
+    from .training.setup import resolve_device
+
+    if loaded.kind != "images":
+        raise ValueError("--backbone needs images; this data is a table (audit it without --backbone)")
+    backbone = load_backbone(settings.backbone, weights=settings.weights)
+    record: dict[str, Any] = {**backbone.describe(), "mode": "finetune" if settings.finetune else "frozen",
+                              "image_size": loaded.image_size}
+    if settings.finetune:
+        record["head"] = "linear (zero start)"
+        record["norm"] = "1/2 sum ||W - W0||^2 (the change from the pretrained weights)"
+        return loaded, record
+    from .backbone import backbone_cache
+
+    features, cache = backbone_cache(backbone, loaded.inputs, loaded.fingerprint, run_dir,
+                                     resolve_device(settings.train.device), write=is_main_process())
+    cache["seconds_this_run"] = 0.0 if cache["reused"] else cache["seconds"]
+    record["feature_cache"] = cache
+    record["head"] = frozen_head(settings)
+    return replace(loaded, inputs=features), record
+
+
+def frozen_head(settings: AuditOptions) -> str:
+    """The network trained on frozen features: ``linear`` (the C-SVM regime) unless
+    ``--model`` names another."""
+    return "linear" if settings.model == "auto" else settings.model
 
 
 def check_run_dir(run_dir: Path, loaded: LoadedDataset, settings: AuditOptions) -> None:
@@ -272,16 +330,26 @@ def training_targets(loaded: LoadedDataset) -> TrainingTargets:
 
 
 def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOptions:
-    """``settings`` with ``train.epochs`` set: as given, or when None the default budget
-    of the network the audit builds (:func:`~minnorm_audit.training.default_epochs`:
-    10 epochs for the MLP on a classification task when that is at least 150 optimizer
-    steps, else 20)."""
+    """``settings`` with ``train.batch_size`` and ``train.epochs`` set: as given, or
+    when None the small-data rule's batch size
+    (:func:`~minnorm_audit.training.default_batch_size`: 128, or examples / 8 below
+    1,024 examples) and the default budget of the network the audit builds
+    (:func:`~minnorm_audit.training.default_epochs`: 10 epochs for the MLP on a
+    classification task when that is at least 150 optimizer steps, else 20)."""
+    if settings.train.batch_size is None:
+        # Under torchrun the global batch is split over the ranks.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        batch = max(1, default_batch_size(len(loaded.targets)) // world)
+        settings = replace(settings, train=replace(settings.train, batch_size=batch))
     if settings.train.epochs is not None:
         return settings
     is_image = isinstance(loaded.inputs, LazyImages) or loaded.inputs.ndim == 4
     network = ("cnn" if is_image else "mlp") if settings.model == "auto" else settings.model
+    if settings.backbone:
+        network = "finetune" if settings.finetune else frozen_head(settings)
     # Under torchrun every rank takes batch_size examples a step.
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    assert settings.train.batch_size is not None
     epochs = default_epochs(network, len(loaded.targets), settings.train.batch_size * world,
                             classification=loaded.task == "classification")
     return replace(settings, train=replace(settings.train, epochs=epochs))
@@ -310,7 +378,13 @@ def train(
     (``epochs=None``: the network's default budget, :func:`with_epoch_budget`)."""
     settings = with_epoch_budget(settings, loaded)
     torch.manual_seed(settings.train.seed)
-    if isinstance(loaded.inputs, LazyImages):
+    config = settings.train
+    if settings.backbone and settings.finetune:
+        model = finetune_network(settings, loaded, targets.num_outputs)
+        config = replace(config, norm_anchor="initial")
+    elif settings.backbone:
+        model = build_model(frozen_head(settings), loaded.inputs, targets.num_outputs)
+    elif isinstance(loaded.inputs, LazyImages):
         model = build_streamed_model(settings.model, loaded.inputs, targets.num_outputs, workers=settings.train.workers)
     else:
         model = build_model(settings.model, loaded.inputs, targets.num_outputs)
@@ -320,13 +394,23 @@ def train(
         targets.values,
         form=targets.form,
         num_outputs=targets.num_outputs,
-        config=settings.train,
+        config=config,
         dataset_fingerprint=loaded.fingerprint,
         checkpoint_path=run_dir / CHECKPOINT_FILE,
         resume=resume,
         progress=progress,
         run_settings=settings.to_record(),  # kept in the checkpoint: --resume reuses them
     )
+
+
+def finetune_network(settings: AuditOptions, loaded: LoadedDataset, num_outputs: int) -> torch.nn.Module:
+    """The backbone and a zero-started linear head, trained whole (``--finetune``)."""
+    from .backbone import FinetuneNetwork, load_backbone
+
+    backbone = load_backbone(settings.backbone or "", weights=settings.weights)
+    sample = loaded.inputs.stack([0]) if isinstance(loaded.inputs, LazyImages) else loaded.inputs[:1]
+    feature_dim = int(backbone.features(sample, torch.device("cpu")).shape[1])
+    return FinetuneNetwork(backbone, feature_dim, num_outputs)
 
 
 def score(

@@ -34,15 +34,15 @@ class DeviceName(click.ParamType):
         self.fail(f"{value!r} is not a device: use auto, cpu, cuda, cuda:N (e.g. cuda:1) or mps", param, ctx)
 
 
-def _training_options(function: Any, *, image_size: int = 32) -> Any:
+def _training_options(function: Any, *, image_size: int | None = None) -> Any:
     """Options shared by ``run`` and ``demo``."""
     from .options import TrainConfig  # not training's re-export: that imports torch
 
     defaults = TrainConfig()
     options = [
-        click.option("--model", default="auto", help="auto (MLP for tables, plain CNN for images), mlp, cnn, or a torchvision model name."),
+        click.option("--model", default="auto", help="auto (MLP for tables, plain CNN for images, a linear head on --backbone features), linear, mlp, cnn, or a torchvision model name (trained from random weights: for pretrained ones use --backbone)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (the stopping rule: a fixed dual-time budget) [default: 10 for the MLP on a classification task when that is at least 150 optimizer steps, else 20]."),
-        click.option("--batch-size", type=click.IntRange(min=1), default=defaults.batch_size),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Examples per optimizer step [default: 128, or examples / 8 (at least 8) below 1,024 examples, so that small sets get enough steps to fit]."),
         click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=defaults.optimizer, help="Base optimizer Minnorm wraps."),
         click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=defaults.lr, help="Weight learning rate."),
         click.option("--dual-lr", type=click.FloatRange(min=0, min_open=True), default=defaults.dual_lr, help="Multiplier (dual ascent) step size."),
@@ -57,7 +57,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
         click.option("--workers", type=click.IntRange(min=0), default=defaults.workers, help="Worker processes decoding images: a pool for 2,000+ files decoded into memory (0: none), DataLoader workers for streamed ones."),
         click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=defaults.checkpoint_seconds, help="Rewrite the resume checkpoint once this many seconds have passed since the last write (0: after every epoch); it is always written after the last epoch and on Ctrl-C."),
-        click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
+        click.option("--image-size", type=click.IntRange(min=8), default=image_size, show_default=image_size is not None, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped) [default: 224 with --backbone, else 32]." if image_size is None else "Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
         click.option("--threshold", type=float, default=None, help="Flag examples with difficulty >= this (overrides --flag-fraction)."),
         click.option("--gallery-size", type=click.IntRange(min=0), default=60, help="Flagged examples per page of report.html's gallery, and how many of each section keep a thumbnail or feature row in gallery.parquet (every flagged example can be paged to)."),
@@ -102,6 +102,9 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         multiplier_memory_gb=options["multiplier_memory_gb"],
     )
     return AuditOptions(
+        backbone=options.get("backbone"),
+        weights=options.get("weights"),
+        finetune=bool(options.get("finetune", False)),
         model=options["model"],
         image_size=options["image_size"],
         flag_fraction=options["flag_fraction"],
@@ -170,6 +173,7 @@ _SETTING_OF_OPTION = {
         "multiplier_memory_gb", "device", "seed", "deterministic", "max_memory_gb", "workers",
         "checkpoint_seconds")},
     "no_multiplier_cap": ("train", "multiplier_cap"),
+    "backbone": ("backbone",), "weights": ("weights",), "finetune": ("finetune",),
 }
 
 
@@ -272,6 +276,9 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
 @click.option("--split-folders", "split_folders", multiple=True, metavar="NAMES", help="Image folder: the top-level folders that are splits over the same class folders (DATA/<split>/<class>/...), comma-separated, or 'none' to read the top level as classes [default: detected when every top-level folder is a split name: train, val, valid, validation, test, dev, ...].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [default: reports/<data-name>-<timestamp>].")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue the interrupted run in RUN_DIR with the settings it started with (kept in its checkpoint); an option given that would change what is trained is refused.")
+@click.option("--backbone", default=None, metavar="NAME|FILE", help="Audit images through a pretrained network: a torchvision name with its weights (resnet50, resnet50:IMAGENET1K_V2, vit_b_16, ...), a timm name (when timm is installed), a TorchScript file or an ONNX file (needs onnxruntime). A file is a function from a float batch N x 3 x H x W in [0, 1] (at --image-size) to features N x D. Names are preprocessed with their weights' own transforms; weights come from the torch hub cache (TORCH_HOME) or the Hugging Face cache, or --weights.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="A state dict file for the --backbone name (instead of the library's cache).")
+@click.option("--finetune", is_flag=True, help="Train the whole --backbone network with Minnorm, the norm term being the change from the pretrained weights, 1/2 sum ||W - W0||^2 [default: frozen: a Minnorm head on features computed once and cached in the run folder].")
 @click.option("--fail-on-flagged", type=click.FloatRange(0, 1), default=None, help="Exit 3 when the fraction flagged mislabeled exceeds this, 4 when the audit is inconclusive (the network has not learned the data, so the flags say nothing either way); after writing outputs.")
 @_training_options
 def run(data: Path, data_format: str, label_column: str, path_column: str, data_root: Path | None, task: str,
@@ -299,7 +306,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
             settings = _resumed_settings(click.get_current_context(), settings, resume_dir, quiet=options["quiet"])
         started = time.perf_counter()
         loaded = load_dataset(data, format=settings.format, label_column=settings.label_column,
-                              path_column=settings.path_column, task=settings.task, image_size=settings.image_size,
+                              path_column=settings.path_column, task=settings.task, image_size=settings.resolved_image_size(),
                               data_root=settings.data_root, max_memory_gb=settings.train.max_memory_gb,
                               feature_columns=settings.feature_columns, ignore_columns=settings.ignore_columns,
                               workers=settings.train.workers, split_folders=settings.split_folders)
@@ -371,7 +378,7 @@ def demo(out: Path, noise_rate: float, **options: Any) -> None:
         out.mkdir(parents=True, exist_ok=True)
         written = write_demo_dataset(out / "data", noise_rate=noise_rate, seed=options["seed"])
         started = time.perf_counter()
-        loaded = load_dataset(written.root, image_size=settings.image_size, workers=settings.train.workers)
+        loaded = load_dataset(written.root, image_size=settings.resolved_image_size(), workers=settings.train.workers)
         load_seconds = time.perf_counter() - started
         progress = not options["quiet"] and sys.stderr.isatty()
         flipped = set(written.flipped_sources)

@@ -18,7 +18,8 @@ class TrainConfig:
     """
 
     epochs: int | None = None
-    batch_size: int = 128
+    # None: default_batch_size (128, or examples / 8 below 1,024 examples).
+    batch_size: int | None = None
     optimizer: str = "adam"
     lr: float = 1e-3
     dual_lr: float = 0.01
@@ -43,6 +44,9 @@ class TrainConfig:
     # The resume checkpoint is rewritten once this many seconds have passed since the
     # last write (0: after every epoch), after the last epoch, and when training stops
     # early (Ctrl-C, divergence): then with the state of the last finished epoch.
+    # "initial": the norm term is the change from the weights training starts at
+    # (fine-tuning a pretrained backbone, Minnorm's norm_anchor); None: from 0.
+    norm_anchor: str | None = None
     checkpoint_seconds: float = 60.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -57,7 +61,8 @@ class AuditOptions:
     label_column: str = "label"
     path_column: str = "path"
     task: str = "classification"
-    image_size: int = 32
+    # None: 224 with a backbone (ImageNet models' crop), 32 without (resolved_image_size).
+    image_size: int | None = None
     model: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     statistic: str = "max"
@@ -72,6 +77,19 @@ class AuditOptions:
     ignore_columns: list[str] | None = None
     # Image folder: the split folder names (None: detected; ["none"]: off).
     split_folders: list[str] | None = None
+    # A pretrained network the images go through (backbone.py): a torchvision or timm
+    # name, a TorchScript or ONNX file; weights: a state dict file for a name.
+    backbone: str | None = None
+    weights: str | Path | None = None
+    # False: the Minnorm head trains on the frozen features; True: the whole network
+    # trains, with the norm of the change from the pretrained weights.
+    finetune: bool = False
+
+    def resolved_image_size(self) -> int:
+        """``image_size``, or its default: 224 with a backbone, 32 without."""
+        if self.image_size is not None:
+            return int(self.image_size)
+        return 224 if self.backbone else 32
 
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``
@@ -80,6 +98,7 @@ class AuditOptions:
         for name in ("feature_columns", "ignore_columns", "split_folders"):
             record[name] = None if record[name] is None else [str(column) for column in record[name]]
         record["data_root"] = None if self.data_root is None else str(self.data_root)
+        record["weights"] = None if self.weights is None else str(self.weights)
         record["train"] = self.train.to_dict()
         return record
 

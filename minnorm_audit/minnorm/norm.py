@@ -396,21 +396,36 @@ def _chosen_by_registration_order(model: nn.Module, tracer: fx.Tracer, never: se
     return chosen
 
 
-def norm_value(parameters: Sequence[nn.Parameter]) -> float:
-    """``R(W) = 1/2 sum ||W||^2`` over ``parameters`` (in float32 or wider)."""
+def norm_value(parameters: Sequence[nn.Parameter], anchors: Sequence[torch.Tensor | None] | None = None) -> float:
+    """``R(W) = 1/2 sum ||W - W0||^2`` over ``parameters`` (in float32 or wider);
+    ``anchors``: one ``W0`` per parameter (None or no list: 0, the plain norm)."""
+    anchors = anchors if anchors is not None else [None] * len(parameters)
     with torch.no_grad():
-        return 0.5 * float(
-            sum(p.detach().to(torch.promote_types(p.dtype, torch.float32)).pow(2).sum() for p in parameters)
-        )
+        total = 0.0
+        for p, anchor in zip(parameters, anchors):
+            value = p.detach().to(torch.promote_types(p.dtype, torch.float32))
+            if anchor is not None:
+                value = value - anchor.to(value.dtype)
+            total += float(value.pow(2).sum())
+        return 0.5 * total
 
 
-def add_norm_gradient(parameters: Sequence[nn.Parameter], scale: float) -> None:
-    """``grad += scale * W`` for every parameter that requires grad (a missing ``.grad``
-    starts at zero): the norm term's share of one weight step. Call under no_grad;
-    ``.grad`` tensors never require grad."""
-    parameters = [p for p in parameters if p.requires_grad]
-    for parameter in parameters:
+def add_norm_gradient(
+    parameters: Sequence[nn.Parameter], scale: float, anchors: Sequence[torch.Tensor | None] | None = None
+) -> None:
+    """``grad += scale * (W - W0)`` for every parameter that requires grad (a missing
+    ``.grad`` starts at zero; ``W0`` from ``anchors``, 0 when None): the norm term's
+    share of one weight step. Call under no_grad; ``.grad`` tensors never require grad."""
+    anchors = anchors if anchors is not None else [None] * len(parameters)
+    pairs = [(p, anchor) for p, anchor in zip(parameters, anchors) if p.requires_grad]
+    for parameter, _ in pairs:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
-    if parameters:
-        torch._foreach_add_([p.grad for p in parameters], parameters, alpha=scale)
+    plain = [p for p, anchor in pairs if anchor is None]
+    if plain:
+        torch._foreach_add_([p.grad for p in plain], plain, alpha=scale)
+    anchored = [(p, anchor) for p, anchor in pairs if anchor is not None]
+    if anchored:
+        # The norm of the change (a pretrained start): the pull is toward W0, not 0.
+        torch._foreach_add_([p.grad for p, _ in anchored], [p for p, _ in anchored], alpha=scale)
+        torch._foreach_add_([p.grad for p, _ in anchored], [a for _, a in anchored], alpha=-scale)

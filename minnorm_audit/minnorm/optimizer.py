@@ -34,7 +34,7 @@ scaled by ``batch_size / num_examples`` so that one epoch sees it once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -106,6 +106,12 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         as the attribute ``max_multiplier``. None (default): the hard-margin problem.
     track_violations : bool, default=False
         Keep the per-class sum of ``-g`` over visits (:meth:`mean_violations`).
+    norm_anchor : "initial", mapping of Parameter to Tensor, or None
+        The norm of the CHANGE from a start ``W0``: the norm term becomes
+        ``1/2 sum_l ||W_l - W0_l||^2`` (fine-tuning a pretrained network: the
+        minimum-norm change that fits the data). ``"initial"``: every norm
+        parameter's value now (copied); a mapping: ``W0`` for the parameters it
+        names (same shape), 0 for the others. None (default): ``W0 = 0``.
     """
 
     def __init__(
@@ -129,6 +135,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
         max_multiplier: float | None = None,
         track_violations: bool = False,
+        norm_anchor: str | Mapping[nn.Parameter, torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError("base_optimizer must be a torch.optim.Optimizer instance")
@@ -158,6 +165,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
             self.norm_parameters = norm.default_norm_parameters(model)
         else:
             self.norm_parameters = [p for p in all_parameters if p.ndim >= 2]
+        self.norm_anchors = _norm_anchors(self.norm_parameters, norm_anchor)
 
         if device is None:
             device = all_parameters[0].device if all_parameters else torch.device("cpu")
@@ -315,7 +323,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
     # ------------------------------------------------------------------ stepping
     def norm_value(self) -> float:
         """``R(W) = 1/2 sum ||W||^2`` over the norm parameters."""
-        return norm.norm_value(self.norm_parameters)
+        return norm.norm_value(self.norm_parameters, self.norm_anchors)
 
     def _norm_scale(self) -> float:
         # With no recorded batch (a step without lagrangian) the norm counts in full.
@@ -327,7 +335,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One weight step of the base optimizer on ``L``, then the dual step."""
         if closure is None:
-            norm.add_norm_gradient(self.norm_parameters, self._norm_scale())
+            norm.add_norm_gradient(self.norm_parameters, self._norm_scale(), self.norm_anchors)
             loss = self.base_optimizer.step()
         else:
 
@@ -338,7 +346,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
                 with torch.enable_grad():
                     value = closure()
                 scale = self._norm_scale()
-                norm.add_norm_gradient(self.norm_parameters, scale)
+                norm.add_norm_gradient(self.norm_parameters, scale, self.norm_anchors)
                 return value + scale * self.norm_value() if value is not None else value
 
             loss = self.base_optimizer.step(closure_with_norm)
@@ -459,3 +467,22 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         self._previous_scores = previous_scores
         self._pending, self._pending_batch_size = [], 0
 
+
+
+def _norm_anchors(
+    parameters: list[nn.Parameter], anchor: str | Mapping[nn.Parameter, torch.Tensor] | None
+) -> list[torch.Tensor | None] | None:
+    """One detached ``W0`` per norm parameter (None: anchored at 0), or None when none is."""
+    if anchor is None:
+        return None
+    if isinstance(anchor, str):
+        if anchor != "initial":
+            raise ValueError(f"norm_anchor must be 'initial', a mapping of parameters to tensors or None, got {anchor!r}")
+        return [p.detach().clone() for p in parameters]
+    anchors: list[torch.Tensor | None] = []
+    for p in parameters:
+        value = anchor.get(p)
+        if value is not None and tuple(value.shape) != tuple(p.shape):
+            raise ValueError(f"norm_anchor: a tensor of shape {tuple(value.shape)} for a parameter of shape {tuple(p.shape)}")
+        anchors.append(None if value is None else value.detach().to(p.device, p.dtype).clone())
+    return anchors

@@ -214,6 +214,8 @@ def _report_context(run: RunFiles, gallery_size: int | None = None) -> dict[str,
         "input_notes": [str(note) for note in summary.get("notes") or []],
         "timings": _rows(summary.get("timings") or {}),
         "config": _settings_rows(config, diagnostics, str(summary.get("kind") or "")),
+        # The pretrained network the images went through (--backbone), flattened.
+        "backbone": _backbone_rows(summary.get("backbone")),
         "provenance": _provenance_rows(run.metadata, skip=set(config)),
     }
 
@@ -425,6 +427,19 @@ def _cap(diagnostics: Mapping[str, Any]) -> dict[str, float] | None:
 
 def _rows(mapping: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(str(key), format_number(value)) for key, value in mapping.items()]
+
+
+def _backbone_rows(backbone: Any) -> list[tuple[str, str]]:
+    """summary.json's ``backbone`` as key/value rows (``feature_cache.*`` for its cache)."""
+    if not isinstance(backbone, Mapping):
+        return []
+    rows = []
+    for key, value in backbone.items():
+        if isinstance(value, Mapping):
+            rows.extend((f"{key}.{name}", format_number(item)) for name, item in value.items())
+        else:
+            rows.append((str(key), format_number(value)))
+    return rows
 
 
 def _provenance_rows(metadata: Mapping[str, Any], *, skip: set[str]) -> list[tuple[str, str]]:

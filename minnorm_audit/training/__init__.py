@@ -21,6 +21,7 @@ from .config import (
     TrainConfig,
     TrainingError,
     TrainingInterrupted,
+    default_batch_size,
     default_epochs,
 )
 from .distributed import DistributedContext, is_main_process, teardown
@@ -44,6 +45,7 @@ __all__ = [
     "build_streamed_model",
     "cap_multipliers",
     "check_finite",
+    "default_batch_size",
     "default_epochs",
     "fit",
     "is_main_process",

@@ -50,6 +50,7 @@ from .config import (
     TrainConfig,
     TrainingError,
     TrainingInterrupted,
+    default_batch_size,
 )
 from .predict import autocast_context, output_margins, predict, predicted_classes
 from .setup import make_minnorm, resolve_device, seed_everything, uses_channels_last
@@ -145,6 +146,8 @@ def fit(
     """
     if config.epochs is None:
         config = replace(config, epochs=DEFAULT_EPOCHS)
+    if config.batch_size is None:
+        config = replace(config, batch_size=default_batch_size(int(inputs.shape[0])))
     run = start_run(model, inputs, targets, form=form, num_outputs=num_outputs, config=config,
                     dataset_fingerprint=dataset_fingerprint, checkpoint_path=checkpoint_path)
     run.settings = run_settings

@@ -73,7 +73,7 @@ def build_model(
 
     Parameters
     ----------
-    name : {"auto", "mlp", "cnn"} or a torchvision model name (e.g. "resnet18")
+    name : {"auto", "linear", "mlp", "cnn"} or a torchvision model name (e.g. "resnet18")
         ``auto`` picks ``mlp`` for tables and ``cnn`` for images. torchvision models are
         built untrained (no weights are downloaded); their normalization layers and
         the layers feeding them are left out of the norm term
@@ -85,8 +85,12 @@ def build_model(
     is_image = inputs.ndim == 4
     if name == "auto":
         name = "cnn" if is_image else "mlp"
-    if name == "mlp":
-        body: nn.Module = mlp(int(inputs[0].numel()), num_outputs)
+    if name == "linear":  # a linear classifier: the C-SVM regime of ALGORITHM.md
+        body: nn.Module = nn.Linear(int(inputs[0].numel()), num_outputs)
+        if is_image:
+            body = nn.Sequential(nn.Flatten(), body)
+    elif name == "mlp":
+        body = mlp(int(inputs[0].numel()), num_outputs)
         if is_image:
             body = nn.Sequential(nn.Flatten(), body)
     elif name == "cnn":
@@ -101,7 +105,7 @@ def build_model(
         try:
             body = torchvision.models.get_model(name, weights=None, num_classes=num_outputs)
         except ValueError as error:
-            raise ValueError(f"unknown model {name!r}: use auto, mlp, cnn or a torchvision model name") from error
+            raise ValueError(f"unknown model {name!r}: use auto, linear, mlp, cnn or a torchvision model name") from error
     return nn.Sequential(standardizer_for(inputs), body)
 
 

@@ -119,6 +119,7 @@ def make_minnorm(
             multiplier_store=config.multiplier_store,  # type: ignore[arg-type]
             multiplier_slots=config.multiplier_slots,
             memory_budget_bytes=int(config.multiplier_memory_gb * 1e9),
+            norm_anchor=config.norm_anchor,
         )
     except ValueError as error:  # e.g. violations asked for beside the compact store
         raise TrainingError(str(error)) from error
