@@ -270,7 +270,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
     """
     from .audit import default_run_dir, run_audit
     from .data import DataError, load_dataset
-    from .training import TrainingError, is_main_process, teardown
+    from .training import TrainingError, exit_rank_after, is_main_process, teardown
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
                          data_root=data_root, feature_columns=_column_list(feature_columns),
@@ -298,9 +298,10 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
     except KeyboardInterrupt:
         _interrupted(data, run_dir)
     finally:
-        teardown()  # leaves the torchrun process group, if one was joined
-    _echo_summary(result.summary, result.run_dir, options["quiet"], options["json_output"])
-    _qa_gate(result.summary, fail_on_flagged)
+        left_group = teardown()  # leaves the torchrun process group, if one was joined
+    with exit_rank_after(left_group):  # a torchrun rank ends here (see exit_rank_after)
+        _echo_summary(result.summary, result.run_dir, options["quiet"], options["json_output"])
+        _qa_gate(result.summary, fail_on_flagged)
 
 
 @main.command()

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from click.testing import CliRunner
 
 from minnorm_audit.cli import main
+from minnorm_audit.training import distributed
 from minnorm_audit.training.distributed import DistributedContext, rank_slice
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -44,6 +45,36 @@ def test_rank_slices_cover_every_example_exactly_once_without_padding(num_exampl
                  for rank in range(world_size)]
         assert torch.equal(torch.cat(parts), global_batch)  # contiguous, in order, nothing added
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+class _HardExit(Exception):
+    pass
+
+
+@pytest.mark.parametrize("body_exit,code", [(None, 0), (3, 3), (0, 0)])
+def test_a_rank_that_left_its_group_ends_with_the_blocks_exit_status(monkeypatch, body_exit, code):
+    calls = []
+
+    def fake_exit(status):
+        calls.append(status)
+        raise _HardExit
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    with pytest.raises(_HardExit):
+        with distributed.exit_rank_after(True):
+            if body_exit is not None:
+                sys.exit(body_exit)
+    assert calls == [code]
+
+
+def test_a_plain_run_keeps_its_normal_exit(monkeypatch):
+    monkeypatch.setattr(distributed.os, "_exit", lambda status: pytest.fail("os._exit in a plain run"))
+    with distributed.exit_rank_after(False):
+        pass
+    with pytest.raises(SystemExit) as stop, distributed.exit_rank_after(False):
+        sys.exit(3)
+    assert stop.value.code == 3
+    assert distributed.teardown() is False  # no group joined here
 
 
 def _load_worker():

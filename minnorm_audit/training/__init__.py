@@ -23,7 +23,7 @@ from .config import (
     TrainingInterrupted,
     default_epochs,
 )
-from .distributed import DistributedContext, is_main_process, teardown
+from .distributed import DistributedContext, exit_rank_after, is_main_process, teardown
 from .fit import cap_multipliers, check_finite, fit, train_one_epoch
 from .models import Standardize, build_model, build_streamed_model
 from .predict import autocast_context, output_margins, predict
@@ -45,6 +45,7 @@ __all__ = [
     "cap_multipliers",
     "check_finite",
     "default_epochs",
+    "exit_rank_after",
     "fit",
     "is_main_process",
     "load_checkpoint",
