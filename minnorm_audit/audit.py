@@ -32,6 +32,7 @@ from .training import (
     fit,
     is_main_process,
 )
+from .training.threads import ThreadChoice, choose_threads, cpu_compute, forward_multiply_adds
 from .write_run import describe_run, write_run_folder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -221,11 +222,18 @@ def run_audit(
     check_run_dir(run_dir, loaded, settings)
     started = time.perf_counter()
     targets = training_targets(loaded)
-    result = train(loaded, settings, targets, run_dir, resume=resume, progress=progress)
-    examples, flag_rule = score(result, loaded, settings, targets)
+    model = build_network(loaded, settings, targets)
+    threads = audit_threads(model, loaded, settings)
+    # Training and scoring on the chosen threads with denormals flushed; the caller's
+    # thread count and denormal mode come back afterwards (training/threads.py).
+    with cpu_compute(threads.threads):
+        result = train(loaded, settings, targets, run_dir, resume=resume, progress=progress, model=model)
+        examples, flag_rule = score(result, loaded, settings, targets)
     timings = {"load_s": load_seconds, "train_s": result.train_seconds,
                "total_s": load_seconds + (time.perf_counter() - started)}
-    record = describe_run(examples, flag_rule, result, loaded, settings, timings=timings, demo=demo)
+    compute = {**threads.to_record(), "flush_denormal": True}
+    record = describe_run(examples, flag_rule, result, loaded, settings, timings=timings, demo=demo,
+                          compute=compute)
     if is_main_process():  # under torchrun, rank 0 alone writes
         write_run_folder(run_dir, examples, record, loaded, settings.gallery_size, render=render)
     return AuditResult(examples=examples, summary=record.summary, run_dir=run_dir, set_aside=record.set_aside)
@@ -284,6 +292,28 @@ def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOpt
     return replace(settings, train=replace(settings.train, epochs=epochs))
 
 
+def build_network(loaded: LoadedDataset, settings: AuditOptions, targets: TrainingTargets) -> torch.nn.Module:
+    """The network the audit trains, built with the run's seed (untrained)."""
+    torch.manual_seed(settings.train.seed)
+    if isinstance(loaded.inputs, LazyImages):
+        return build_streamed_model(settings.model, loaded.inputs, targets.num_outputs,
+                                    workers=settings.train.workers)
+    return build_model(settings.model, loaded.inputs, targets.num_outputs)
+
+
+def audit_threads(model: torch.nn.Module, loaded: LoadedDataset, settings: AuditOptions) -> ThreadChoice:
+    """The CPU threads of the audit: ``settings.threads``, else the user's
+    OMP_NUM_THREADS / MKL_NUM_THREADS, else the rule of
+    :func:`~minnorm_audit.training.threads.choose_threads` on one training step's work."""
+    if settings.threads is not None:
+        return choose_threads(settings.threads)
+    example = loaded.inputs[:1]
+    if not isinstance(example, torch.Tensor):  # streamed images: one decoded item
+        example = torch.as_tensor(example)
+    step = settings.train.batch_size * forward_multiply_adds(model, example.float())
+    return choose_threads(None, step)
+
+
 def train(
     loaded: LoadedDataset,
     settings: AuditOptions,
@@ -292,15 +322,13 @@ def train(
     *,
     resume: bool,
     progress: bool,
+    model: torch.nn.Module | None = None,
 ) -> FitResult:
-    """Build the network (seeded) and fit it with Minnorm, checkpointing into ``run_dir``
-    (``epochs=None``: the network's default budget, :func:`with_epoch_budget`)."""
+    """Fit ``model`` (default: :func:`build_network`) with Minnorm, checkpointing into
+    ``run_dir`` (``epochs=None``: the network's default budget, :func:`with_epoch_budget`)."""
     settings = with_epoch_budget(settings, loaded)
-    torch.manual_seed(settings.train.seed)
-    if isinstance(loaded.inputs, LazyImages):
-        model = build_streamed_model(settings.model, loaded.inputs, targets.num_outputs, workers=settings.train.workers)
-    else:
-        model = build_model(settings.model, loaded.inputs, targets.num_outputs)
+    if model is None:
+        model = build_network(loaded, settings, targets)
     return fit(
         model,
         loaded.inputs,

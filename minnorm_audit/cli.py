@@ -42,6 +42,7 @@ def _training_options(function: Any, *, image_size: int = 32) -> Any:
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
         click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
         click.option("--workers", type=click.IntRange(min=0), default=defaults.workers, help="Worker processes decoding images: a pool for 2,000+ files decoded into memory (0: none), DataLoader workers for streamed ones."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads to compute with [default: OMP_NUM_THREADS or MKL_NUM_THREADS when set, else one per 0.25 GMAC of a training step's forward pass, at most the cores: 1 for the MLP on a table, more for a CNN on large images]."),
         click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=defaults.checkpoint_seconds, help="Rewrite the resume checkpoint once this many seconds have passed since the last write (0: after every epoch); it is always written after the last epoch and on Ctrl-C."),
         click.option("--image-size", type=click.IntRange(min=8), default=image_size, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
@@ -93,6 +94,7 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         flag_fraction=options["flag_fraction"],
         threshold=options["threshold"],
         gallery_size=options["gallery_size"],
+        threads=options["threads"],
         train=train,
         **overrides,
     )
@@ -141,13 +143,14 @@ def _column_list(values: tuple[str, ...]) -> list[str] | None:
 # except those below, which change where the run goes on or how it is flagged and
 # shown, not what is trained; --epochs may differ but not go below the epochs done.
 _RESUME_FREE_OPTIONS = frozenset({"device", "workers", "max_memory_gb", "deterministic", "flag_fraction", "threshold",
-                                  "gallery_size", "epochs", "checkpoint_seconds"})
+                                  "gallery_size", "epochs", "checkpoint_seconds", "threads"})
 # Each option of `run` that is a setting -> its place in the settings record.
 _SETTING_OF_OPTION = {
     "data_format": ("format",), "label_column": ("label_column",), "path_column": ("path_column",),
     "data_root": ("data_root",), "task": ("task",), "feature_columns": ("feature_columns",),
     "ignore_columns": ("ignore_columns",), "model": ("model",), "image_size": ("image_size",),
     "flag_fraction": ("flag_fraction",), "threshold": ("threshold",), "gallery_size": ("gallery_size",),
+    "threads": ("threads",),
     **{name: ("train", name) for name in (
         "epochs", "batch_size", "optimizer", "lr", "dual_lr", "score_state", "multiplier_cap", "multiplier_store",
         "multiplier_memory_gb", "device", "seed", "deterministic", "max_memory_gb", "workers",

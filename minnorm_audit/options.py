@@ -31,6 +31,9 @@ class AuditOptions:
     feature_columns: list[str] | None = None
     data_root: str | Path | None = None
     ignore_columns: list[str] | None = None
+    # CPU intra-op threads (None: OMP_NUM_THREADS / MKL_NUM_THREADS when set, else
+    # training.threads.choose_threads' rule from the network and batch size).
+    threads: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``
