@@ -84,6 +84,7 @@ def _load_worker():
     return module
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_gloo_ranks_match_one_process_and_agree(tmp_path):
     """Same global batches (129 examples in batches of 32: rank 1 gets an empty slice
@@ -103,6 +104,7 @@ def test_two_gloo_ranks_match_one_process_and_agree(tmp_path):
     assert np.abs(single["mean_violations"]).max() > 0.5
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_torchrun_cli_run_writes_once_from_rank_zero_and_matches_single_process(tmp_path):
     rng = np.random.default_rng(0)
