@@ -35,6 +35,7 @@ from .training import (
     is_main_process,
     predicted_classes,
 )
+from .training.threads import ThreadChoice, choose_threads, cpu_compute, forward_multiply_adds
 from .write_run import describe_run, write_run_folder
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -229,13 +230,20 @@ def run_audit(
     trained_on, backbone_record = backbone_inputs(loaded, settings, run_dir)
     settings = with_epoch_budget(settings, trained_on)
     targets = training_targets(loaded)
-    result = train(trained_on, settings, targets, run_dir, resume=resume, progress=progress)
-    examples, flag_rule = score(result, trained_on, settings, targets)
+    model = build_network(trained_on, settings, targets)
+    threads = audit_threads(model, trained_on, settings)
+    # Training and scoring on the chosen threads with denormals flushed; the caller's
+    # thread count and denormal mode come back afterwards (training/threads.py).
+    with cpu_compute(threads.threads):
+        result = train(trained_on, settings, targets, run_dir, resume=resume, progress=progress, model=model)
+        examples, flag_rule = score(result, trained_on, settings, targets)
     timings = {"load_s": load_seconds, "train_s": result.train_seconds,
                "total_s": load_seconds + (time.perf_counter() - started)}
     if backbone_record is not None:
         timings["features_s"] = backbone_record.get("feature_cache", {}).get("seconds_this_run", 0.0)
-    record = describe_run(examples, flag_rule, result, loaded, settings, timings=timings, demo=demo)
+    compute = {**threads.to_record(), "flush_denormal": True}
+    record = describe_run(examples, flag_rule, result, loaded, settings, timings=timings, demo=demo,
+                          compute=compute)
     if backbone_record is not None:
         record.summary["backbone"] = backbone_record
         record.metadata["backbone"] = backbone_record
@@ -365,6 +373,34 @@ def with_usable_workers(settings: AuditOptions) -> AuditOptions:
     return replace(settings, train=replace(settings.train, workers=cores))
 
 
+def build_network(loaded: LoadedDataset, settings: AuditOptions, targets: TrainingTargets) -> torch.nn.Module:
+    """The network the audit trains, built with the run's seed (untrained): on a
+    backbone's features the head (or, fine-tuning, the whole pretrained network)."""
+    torch.manual_seed(settings.train.seed)
+    if settings.backbone and settings.finetune:
+        return finetune_network(settings, loaded, targets.num_outputs)
+    if settings.backbone:
+        return build_model(frozen_head(settings), loaded.inputs, targets.num_outputs)
+    if isinstance(loaded.inputs, LazyImages):
+        return build_streamed_model(settings.model, loaded.inputs, targets.num_outputs,
+                                    workers=settings.train.workers)
+    return build_model(settings.model, loaded.inputs, targets.num_outputs)
+
+
+def audit_threads(model: torch.nn.Module, loaded: LoadedDataset, settings: AuditOptions) -> ThreadChoice:
+    """The CPU threads of the audit: ``settings.threads``, else the user's
+    OMP_NUM_THREADS / MKL_NUM_THREADS, else the rule of
+    :func:`~minnorm_audit.training.threads.choose_threads` on one training step's work."""
+    if settings.threads is not None:
+        return choose_threads(settings.threads)
+    example = loaded.inputs[:1]
+    if not isinstance(example, torch.Tensor):  # streamed images: one decoded item
+        example = torch.as_tensor(example)
+    batch_size = settings.train.batch_size or default_batch_size(len(loaded.inputs))
+    step = batch_size * forward_multiply_adds(model, example.float())
+    return choose_threads(None, step)
+
+
 def train(
     loaded: LoadedDataset,
     settings: AuditOptions,
@@ -373,21 +409,16 @@ def train(
     *,
     resume: bool,
     progress: bool,
+    model: torch.nn.Module | None = None,
 ) -> FitResult:
-    """Build the network (seeded) and fit it with Minnorm, checkpointing into ``run_dir``
-    (``epochs=None``: the network's default budget, :func:`with_epoch_budget`)."""
+    """Fit ``model`` (default: :func:`build_network`) with Minnorm, checkpointing into
+    ``run_dir`` (``epochs=None``: the network's default budget, :func:`with_epoch_budget`)."""
     settings = with_epoch_budget(settings, loaded)
-    torch.manual_seed(settings.train.seed)
     config = settings.train
     if settings.backbone and settings.finetune:
-        model = finetune_network(settings, loaded, targets.num_outputs)
         config = replace(config, norm_anchor="initial")
-    elif settings.backbone:
-        model = build_model(frozen_head(settings), loaded.inputs, targets.num_outputs)
-    elif isinstance(loaded.inputs, LazyImages):
-        model = build_streamed_model(settings.model, loaded.inputs, targets.num_outputs, workers=settings.train.workers)
-    else:
-        model = build_model(settings.model, loaded.inputs, targets.num_outputs)
+    if model is None:
+        model = build_network(loaded, settings, targets)
     return fit(
         model,
         loaded.inputs,

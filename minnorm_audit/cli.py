@@ -56,6 +56,7 @@ def _training_options(function: Any, *, image_size: int | None = None) -> Any:
         click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower on GPU)."),
         click.option("--max-memory-gb", type=click.FloatRange(min=0), default=None, help="Most GiB of decoded data held in memory (host, and GPU for the on-device copy); larger image sets are decoded per batch from disk [default: half of the memory available]."),
         click.option("--workers", type=click.IntRange(min=0), default=defaults.workers, help="Worker processes decoding images: a pool for 2,000+ files decoded into memory (0: none), DataLoader workers for streamed ones."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads to compute with [default: OMP_NUM_THREADS or MKL_NUM_THREADS when set, else one per 0.25 GMAC of a training step's forward pass, at most the cores: 1 for the MLP on a table, more for a CNN on large images]."),
         click.option("--checkpoint-seconds", type=click.FloatRange(min=0), default=defaults.checkpoint_seconds, help="Rewrite the resume checkpoint once this many seconds have passed since the last write (0: after every epoch); it is always written after the last epoch and on Ctrl-C."),
         click.option("--image-size", type=click.IntRange(min=8), default=image_size, show_default=image_size is not None, help="Images are resized to SIZE x SIZE (aspect not kept, nothing cropped) [default: 224 with --backbone, else 32]." if image_size is None else "Images are resized to SIZE x SIZE (aspect not kept, nothing cropped)."),
         click.option("--flag-fraction", type=click.FloatRange(0, 1, min_open=True), default=None, help="Flag this top fraction by difficulty instead of the automatic split."),
@@ -110,6 +111,7 @@ def _settings(options: dict[str, Any], **overrides: Any):  # type: ignore[no-unt
         flag_fraction=options["flag_fraction"],
         threshold=options["threshold"],
         gallery_size=options["gallery_size"],
+        threads=options["threads"],
         train=train,
         **overrides,
     )
@@ -161,13 +163,14 @@ def _column_list(values: tuple[str, ...]) -> list[str] | None:
 # except those below, which change where the run goes on or how it is flagged and
 # shown, not what is trained; --epochs may differ but not go below the epochs done.
 _RESUME_FREE_OPTIONS = frozenset({"device", "workers", "max_memory_gb", "deterministic", "flag_fraction", "threshold",
-                                  "gallery_size", "epochs", "checkpoint_seconds"})
+                                  "gallery_size", "epochs", "checkpoint_seconds", "threads"})
 # Each option of `run` that is a setting -> its place in the settings record.
 _SETTING_OF_OPTION = {
     "data_format": ("format",), "label_column": ("label_column",), "path_column": ("path_column",),
     "data_root": ("data_root",), "task": ("task",), "feature_columns": ("feature_columns",),
     "ignore_columns": ("ignore_columns",), "split_folders": ("split_folders",), "model": ("model",), "image_size": ("image_size",),
     "flag_fraction": ("flag_fraction",), "threshold": ("threshold",), "gallery_size": ("gallery_size",),
+    "threads": ("threads",),
     **{name: ("train", name) for name in (
         "epochs", "batch_size", "optimizer", "lr", "dual_lr", "score_state", "multiplier_cap", "multiplier_store",
         "multiplier_memory_gb", "device", "seed", "deterministic", "max_memory_gb", "workers",
@@ -295,7 +298,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
     """
     from .audit import default_run_dir, run_audit
     from .data import DataError, load_dataset
-    from .training import TrainingError, is_main_process, teardown
+    from .training import TrainingError, exit_rank_after, is_main_process, teardown
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
                          data_root=data_root, feature_columns=_column_list(feature_columns),
@@ -323,9 +326,10 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
     except KeyboardInterrupt:
         _interrupted(data, run_dir)
     finally:
-        teardown()  # leaves the torchrun process group, if one was joined
-    _echo_summary(result.summary, result.run_dir, options["quiet"], options["json_output"])
-    _qa_gate(result.summary, fail_on_flagged)
+        left_group = teardown()  # leaves the torchrun process group, if one was joined
+    with exit_rank_after(left_group):  # a torchrun rank ends here (see exit_rank_after)
+        _echo_summary(result.summary, result.run_dir, options["quiet"], options["json_output"])
+        _qa_gate(result.summary, fail_on_flagged)
 
 
 @main.command()

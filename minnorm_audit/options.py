@@ -91,6 +91,10 @@ class AuditOptions:
             return int(self.image_size)
         return 224 if self.backbone else 32
 
+    # CPU intra-op threads (None: OMP_NUM_THREADS / MKL_NUM_THREADS when set, else
+    # training.threads.choose_threads' rule from the network and batch size).
+    threads: int | None = None
+
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``
         reuses them): every field, ``train`` as a dict, the data root as text."""

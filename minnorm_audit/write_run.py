@@ -82,6 +82,7 @@ def describe_run(
     *,
     timings: dict[str, float],
     demo: dict[str, Any] | None = None,
+    compute: dict[str, Any] | None = None,
 ) -> RunRecord:
     """The run's metadata, summary and set-aside table."""
     # The verdict on the run travels beside the flag rule, not inside it.
@@ -92,6 +93,9 @@ def describe_run(
     # How well the network fits the given labels at the end: shown with the diagnostics.
     diagnostics.update(training_fit(examples, loaded.task))
     config = run_config(result, loaded, settings)
+    # The CPU threads used and where the count came from, denormal flushing
+    # (training/threads.py); absent when the caller did not say.
+    config.update(compute or {})
     versions = package_versions()
     metadata = {
         "config": config,

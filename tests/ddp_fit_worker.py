@@ -52,10 +52,15 @@ def run(out_dir: Path) -> dict[str, np.ndarray]:
     }
     rank = distributed.context_from_env().rank
     np.savez(out_dir / f"rank{rank}.npz", **arrays)
-    distributed.teardown()
     return arrays
 
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from minnorm_audit.training import distributed
+
     run(Path(sys.argv[1]))
+    # As the CLI ends a torchrun rank: leave the group, then exit without finalizing
+    # the interpreter beside gloo threads that outlive the group (exit_rank_after).
+    with distributed.exit_rank_after(distributed.teardown()):
+        pass

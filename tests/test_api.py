@@ -208,6 +208,7 @@ def test_default_epoch_budget_follows_the_network_and_its_steps():
     assert default_epochs("mlp", 50_000, 128, classification=False) == 20
 
 
+@pytest.mark.slow
 def test_an_audit_trains_and_records_the_budget_of_its_network(tmp_path):
     rng = np.random.default_rng(0)
 

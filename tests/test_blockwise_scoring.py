@@ -32,6 +32,7 @@ def flipped_digits(count: int = 600, flips: int = 60):
     return features, labels, flipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "options",
     [

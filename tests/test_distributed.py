@@ -16,6 +16,7 @@ import torch.distributed as dist
 from click.testing import CliRunner
 
 from minnorm_audit.cli import main
+from minnorm_audit.training import distributed
 from minnorm_audit.training.distributed import DistributedContext, rank_slice
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -46,6 +47,36 @@ def test_rank_slices_cover_every_example_exactly_once_without_padding(num_exampl
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
 
 
+class _HardExit(Exception):
+    pass
+
+
+@pytest.mark.parametrize("body_exit,code", [(None, 0), (3, 3), (0, 0)])
+def test_a_rank_that_left_its_group_ends_with_the_blocks_exit_status(monkeypatch, body_exit, code):
+    calls = []
+
+    def fake_exit(status):
+        calls.append(status)
+        raise _HardExit
+
+    monkeypatch.setattr(distributed.os, "_exit", fake_exit)
+    with pytest.raises(_HardExit):
+        with distributed.exit_rank_after(True):
+            if body_exit is not None:
+                sys.exit(body_exit)
+    assert calls == [code]
+
+
+def test_a_plain_run_keeps_its_normal_exit(monkeypatch):
+    monkeypatch.setattr(distributed.os, "_exit", lambda status: pytest.fail("os._exit in a plain run"))
+    with distributed.exit_rank_after(False):
+        pass
+    with pytest.raises(SystemExit) as stop, distributed.exit_rank_after(False):
+        sys.exit(3)
+    assert stop.value.code == 3
+    assert distributed.teardown() is False  # no group joined here
+
+
 def _load_worker():
     spec = importlib.util.spec_from_file_location("ddp_fit_worker", WORKER)
     module = importlib.util.module_from_spec(spec)
@@ -53,6 +84,7 @@ def _load_worker():
     return module
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_gloo_ranks_match_one_process_and_agree(tmp_path):
     """Same global batches (129 examples in batches of 32: rank 1 gets an empty slice
@@ -72,6 +104,7 @@ def test_two_gloo_ranks_match_one_process_and_agree(tmp_path):
     assert np.abs(single["mean_violations"]).max() > 0.5
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_torchrun_cli_run_writes_once_from_rank_zero_and_matches_single_process(tmp_path):
     rng = np.random.default_rng(0)

@@ -90,6 +90,7 @@ def scores(run_dir: Path) -> pd.DataFrame:
     return pd.read_parquet(run_dir / "examples.parquet", columns=SCORE_COLUMNS)
 
 
+@pytest.mark.slow
 def test_kill_9_and_ctrl_c_then_resume_give_the_scores_of_an_uninterrupted_run(table, tmp_path):
     reference_dir, killed_dir, interrupted_dir = tmp_path / "reference", tmp_path / "killed", tmp_path / "interrupted"
     reference = start(run_command(table, "--out", str(reference_dir)))

@@ -23,6 +23,7 @@ def flipped_digits(rate: float, seed: int):
     return torch.tensor(features, dtype=torch.float32), labels, noisy, mask
 
 
+@pytest.mark.slow
 def test_mlp_on_digits_ranks_flipped_labels_first_and_recovers_them():
     inputs, clean, noisy, flipped = flipped_digits(0.1, seed=0)
     torch.manual_seed(0)

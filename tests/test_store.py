@@ -169,6 +169,7 @@ def flipped_digits_900():
     return clean, noisy, is_flipped, torch.tensor(features, dtype=torch.float32), torch.tensor(noisy)
 
 
+@pytest.mark.slow
 def test_compact_store_approximation_is_bounded_when_classes_exceed_the_slots():
     """Digits, 10% flipped labels, 3 of 9 competing classes kept (the dense run gives
     8 classes per example a multiplier at some epoch): the scores keep their ranking
@@ -314,6 +315,7 @@ def test_violation_sums_count_in_the_memory_budget():
     assert state_bytes(100, 10, store="dense", violations=True) == state_bytes(100, 10, store="dense") + 100 * 44
 
 
+@pytest.mark.slow
 def test_compact_violation_state_keeps_the_flipped_examples_on_top_with_3_of_9_classes():
     """Digits, 10% flipped labels, the default "violation" state with 3 slots against
     the dense table. Measured: Spearman 0.976, top-90 overlap 0.978, AUROC 0.999 ->

@@ -37,6 +37,7 @@ def digits_table() -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- the rule on real runs
 
 
+@pytest.mark.slow
 def test_clean_digits_get_few_flags(tmp_path):
     features, labels = digits_table()
     result = minnorm_audit.audit((features, labels), out=tmp_path / "run", device="cpu", gallery_size=0)
@@ -48,6 +49,7 @@ def test_clean_digits_get_few_flags(tmp_path):
     assert result.summary["inconclusive"] is None
 
 
+@pytest.mark.slow
 def test_digits_with_ten_percent_flips_are_found_with_precision_and_recall(tmp_path):
     features, labels = digits_table()
     rng = np.random.default_rng(0)
@@ -133,6 +135,7 @@ def noise_run(tmp_path_factory) -> tuple[minnorm_audit.AuditResult, np.ndarray, 
     return result, is_noise, folder
 
 
+@pytest.mark.slow
 def test_planted_noise_rows_are_outliers(noise_run):
     result, is_noise, _ = noise_run
     flag = result.examples["flag"].to_numpy()
@@ -143,6 +146,7 @@ def test_planted_noise_rows_are_outliers(noise_run):
     assert (flag[noise] == "mislabeled").mean() <= 0.15
 
 
+@pytest.mark.slow
 def test_outliers_in_summary_table_page_and_clean(noise_run, tmp_path):
     result, _, _ = noise_run
     run_dir = result.run_dir

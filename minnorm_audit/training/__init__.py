@@ -24,7 +24,7 @@ from .config import (
     default_batch_size,
     default_epochs,
 )
-from .distributed import DistributedContext, is_main_process, teardown
+from .distributed import DistributedContext, exit_rank_after, is_main_process, teardown
 from .fit import cap_multipliers, check_finite, fit, train_one_epoch
 from .models import Standardize, build_model, build_streamed_model
 from .predict import autocast_context, output_margins, predict, predicted_classes
@@ -47,6 +47,7 @@ __all__ = [
     "check_finite",
     "default_batch_size",
     "default_epochs",
+    "exit_rank_after",
     "fit",
     "is_main_process",
     "load_checkpoint",

@@ -25,6 +25,9 @@ Only rank 0 writes files and logs. Multi-node runs need the run folder (checkpoi
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -90,14 +93,51 @@ def setup(device: torch.device) -> tuple[DistributedContext, torch.device]:
     return context, device
 
 
-def teardown() -> None:
-    """Leave the process group (a no-op when none was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        # Every rank reaches this point before the group goes: destroying it while a
-        # peer is still in a collective can abort gloo ("terminate called without an
-        # active exception") and fail a finished run.
-        dist.barrier()
-        dist.destroy_process_group()
+def teardown() -> bool:
+    """Leave the process group; True when one was left, False (a no-op) when none was joined."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    # Every rank reaches this point before the group goes: destroying it while a
+    # peer is still in a collective can abort gloo and fail a finished run.
+    dist.barrier()
+    dist.destroy_process_group()
+    return True
+
+
+@contextmanager
+def exit_rank_after(left_group: bool) -> Iterator[None]:
+    """Run the block, then end this torchrun rank with ``os._exit`` (its exit status:
+    0, or the code of a ``SystemExit`` raised in the block) when ``left_group``;
+    a plain run (``left_group`` False) is untouched.
+
+    Why: ``destroy_process_group()`` does not destroy a gloo backend that
+    DistributedDataParallel has wrapped a model on (torch 2.14.1: its
+    ``pt_gloo_runloop`` worker threads and ``gloo_tcp_loop`` thread are still running
+    after the DDP model is freed, ``destroy_process_group()`` and ``gc.collect()``).
+    A normal exit then finalizes the interpreter and runs C++ static destructors
+    beside those threads; on a loaded machine, where a worker thread is still
+    releasing its last work when that happens, the rank aborts with "terminate
+    called without an active exception" after a finished, correct run. The
+    barrier in :func:`teardown` has already been passed by every rank and the
+    outputs are written, so nothing remains that finalization must do: the
+    streams are flushed and the process ends without it.
+    """
+    if not left_group:
+        yield
+        return
+    code = 0
+    try:
+        yield
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if not isinstance(stop.code, (int, type(None))):
+            print(stop.code, file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more to save
+            pass
+    os._exit(code)
 
 
 def wrap_model(model: torch.nn.Module, context: DistributedContext, device: torch.device) -> torch.nn.Module:
