@@ -84,6 +84,9 @@ class AuditOptions:
     # False: the Minnorm head trains on the frozen features; True: the whole network
     # trains, with the norm of the change from the pretrained weights.
     finetune: bool = False
+    # CPU intra-op threads (None: OMP_NUM_THREADS / MKL_NUM_THREADS when set, else
+    # training.threads.choose_threads' rule from the network and batch size).
+    threads: int | None = None
 
     def resolved_image_size(self) -> int:
         """``image_size``, or its default: 224 with a backbone, 32 without."""
@@ -91,9 +94,6 @@ class AuditOptions:
             return int(self.image_size)
         return 224 if self.backbone else 32
 
-    # CPU intra-op threads (None: OMP_NUM_THREADS / MKL_NUM_THREADS when set, else
-    # training.threads.choose_threads' rule from the network and batch size).
-    threads: int | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``
