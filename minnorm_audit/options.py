@@ -31,6 +31,7 @@ class AuditOptions:
     feature_columns: list[str] | None = None
     data_root: str | Path | None = None
     ignore_columns: list[str] | None = None
+    text_column: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``

@@ -29,6 +29,7 @@ def load_dataset(
     max_memory_gb: float | None = None,
     ignore_columns: list[str] | None = None,
     workers: int | None = None,
+    text_column: str | None = None,
 ) -> LoadedDataset:
     """Load an image folder, a manifest or a table, read-only.
 
@@ -66,6 +67,10 @@ def load_dataset(
         unreadable files aside. Default: half of the memory available now.
     ignore_columns : list of str, optional
         Table: columns that are not features (ids, notes, ...).
+    text_column : str, optional
+        Table: a column of free text to audit with the built-in text network
+        (:mod:`minnorm_audit.data.text`). Default: detected, when no feature columns
+        are named, as a string column of long, mostly different values with spaces.
     workers : int, optional
         Images decoded into memory: the most worker processes decoding 2,000 files or
         more (the same pixels as in one process); 0: this process only. Default: one
@@ -154,4 +159,4 @@ def load_dataset(
     if data_root is not None:
         raise DataError(f"a data root applies to a manifest (a file with a {path_column!r} column), but {shown} is a table")
     return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task,
-                       ignore_columns=ignore_columns)
+                       ignore_columns=ignore_columns, text_column=text_column)
