@@ -17,12 +17,13 @@ Each feature column is encoded by what it holds (:func:`encode_column`):
     has a time of day, ``hour`` (with the minutes as a fraction). A missing date sets
     its row aside, as a missing number does.
 ``one-hot``
-    Any other text or category column with at most :data:`MAX_ONE_HOT_LEVELS` levels
-    after pooling: one 0/1 feature per level, ``name=level``. Levels seen in fewer
-    than :data:`MIN_LEVEL_ROWS` rows are pooled into one ``(other)`` level; a missing
-    cell is a level of its own, ``(missing)``.
+    Any other text or category column with at most :data:`MAX_ONE_HOT_LEVELS` levels:
+    one 0/1 feature per level, ``name=level`` (sorted by level; a missing cell is a
+    level of its own, ``(missing)``). With more levels, the ``MAX_ONE_HOT_LEVELS - 1``
+    most frequent keep their feature and the rarer ones are pooled into ``(other)``,
+    when they hold at most :data:`MAX_POOLED_SHARE` of the rows.
 ``hashed``
-    A category with more levels: each level maps to a fixed signed-hash vector of
+    A category whose rare levels hold more rows than that: each level maps to a fixed signed-hash vector of
     :data:`HASH_DIMS` features (feature hashing, Weinberger et al. 2009: the hash of
     ``level#k`` picks a sign for each dimension ``k``), a random embedding that needs
     no vocabulary and gives the same vector for the same level in every run.
@@ -48,8 +49,9 @@ from .labels import _MISSING_TOKENS, _cell_text, _to_numeric
 
 # One 0/1 feature per level up to this many levels (after pooling rare ones).
 MAX_ONE_HOT_LEVELS = 32
-# A level seen in fewer rows than this is pooled into "(other)" (too rare to learn from).
-MIN_LEVEL_ROWS = 3
+# Above the cap, the rarest levels may share one "(other)" feature while they hold at
+# most this share of the rows; a column whose long tail holds more is hashed instead.
+MAX_POOLED_SHARE = 0.1
 # Features of a hashed category.
 HASH_DIMS = 16
 OTHER_LEVEL = "(other)"
@@ -80,7 +82,7 @@ class ColumnEncoding:
     levels : int or None
         Categories: the distinct levels seen (missing counted as one).
     pooled_levels : int or None
-        One-hot: the rare levels pooled into ``(other)``.
+        One-hot: the rare levels pooled into ``(other)`` (0: none).
     note : str or None
         Why, for a column left out.
     """
@@ -162,22 +164,20 @@ def encode_column(
                 f"{shorten(str(present.iloc[0]))!r}), so it is not used as a feature (name it in the feature columns "
                 "to use it, hashed)")
         return None, ColumnEncoding(name, "left out", note=note)
-    rare = counts[counts < MIN_LEVEL_ROWS]
-    kept_levels = [str(level) for level in counts.index if counts[level] >= MIN_LEVEL_ROWS]
-    pool = len(rare) > 1  # one rare level alone is not pooled: "(other)" would be the same level renamed
-    one_hot_levels = kept_levels + ([OTHER_LEVEL] if pool else [str(level) for level in rare.index])
-    if len(one_hot_levels) <= MAX_ONE_HOT_LEVELS:
-        one_hot_levels.sort()
-        if pool:
-            pooled = set(rare.index.tolist())
-            levels = levels.where(~levels.isin(pooled), OTHER_LEVEL)
+    # Beyond the cap, the most frequent levels keep their own feature and the rest share
+    # "(other)", unless that pools so many rows that the column would say little.
+    pooled = counts.iloc[MAX_ONE_HOT_LEVELS - 1:] if len(counts) > MAX_ONE_HOT_LEVELS else counts.iloc[:0]
+    if pooled.sum() <= MAX_POOLED_SHARE * len(column):
+        one_hot_levels = sorted(str(level) for level in counts.index[: len(counts) - len(pooled)])
+        if len(pooled):
+            levels = levels.where(~levels.isin(set(pooled.index.tolist())), OTHER_LEVEL)
+            one_hot_levels.append(OTHER_LEVEL)
         position = {level: index for index, level in enumerate(one_hot_levels)}
         codes = levels.map(position).to_numpy(dtype=np.int64)
         matrix = np.zeros((len(column), len(one_hot_levels)), dtype=np.float64)
         matrix[np.arange(len(column)), codes] = 1.0
         features = [f"{name}={level}" for level in one_hot_levels]
-        return matrix, ColumnEncoding(name, "one-hot", features, levels=int(len(counts)),
-                                      pooled_levels=int(len(rare)) if pool else 0)
+        return matrix, ColumnEncoding(name, "one-hot", features, levels=int(len(counts)), pooled_levels=int(len(pooled)))
     return _hashed(levels, name), ColumnEncoding(name, "hashed", [f"{name}#{k}" for k in range(HASH_DIMS)],
                                                  levels=int(len(counts)))
 
@@ -192,7 +192,7 @@ def _datetime_parts(dates: pd.Series, name: str) -> tuple[np.ndarray, ColumnEnco
     dates = pd.Series(dates)
     if getattr(dates.dt, "tz", None) is not None:
         dates = dates.dt.tz_convert("UTC").dt.tz_localize(None)
-    parts = {"year": dates.dt.year, "month": dates.dt.month, "day": dates.dt.day, "weekday": dates.dt.weekday}
+    parts = {"year": dates.dt.year, "month": dates.dt.month, "day": dates.dt.day, "weekday": dates.dt.day_of_week}
     hours = dates.dt.hour + dates.dt.minute / 60.0 + dates.dt.second / 3600.0
     if (hours.fillna(0) != 0).any():
         parts["hour"] = hours

@@ -26,9 +26,15 @@ def _load_image_folder(
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            class_dirs.append(entry)
+            if _is_utf8(entry.name):
+                class_dirs.append(entry)
+            else:
+                stray_files += [SetAsideItem(_shown_name(file_path.relative_to(root).as_posix()), _NOT_UTF8_FOLDER)
+                                for file_path in _walk_visible_files(entry)]
         else:
-            stray_files.append(SetAsideItem(entry.name, "not inside a class folder"))
+            stray_files.append(SetAsideItem(_shown_name(entry.name), "not inside a class folder"))
+    if not class_dirs and stray_files and all(item.reason == _NOT_UTF8_FOLDER for item in stray_files):
+        raise DataError(_nothing_readable_message(shown, stray_files))
     if not class_dirs:
         raise DataError(f"no class subfolders in {shown}: expected DATA/<class_name>/<image files>")
 
@@ -38,7 +44,13 @@ def _load_image_folder(
     for class_name in _sorted_class_names(dir_of_class):
         class_dir = dir_of_class[class_name]
         for file_path in _walk_visible_files(class_dir):
-            candidates.append((file_path.relative_to(root).as_posix(), class_dir.name, file_path))
+            source = file_path.relative_to(root).as_posix()
+            if _is_utf8(source):
+                candidates.append((source, class_dir.name, file_path))
+            else:  # the run folder's Parquet files hold UTF-8 text only: named, set aside
+                stray_files.append(SetAsideItem(_shown_name(source), _NOT_UTF8_NAME))
+    if not candidates and stray_files:
+        raise DataError(_nothing_readable_message(shown, stray_files))
     if not candidates:
         raise DataError(f"no files in the class subfolders of {shown}")
 
@@ -55,6 +67,25 @@ def _load_image_folder(
         raise DataError(_nothing_readable_message(shown, unreadable))
     class_names, targets = _class_indices([label for _, label, _ in kept], shown)
     return _image_dataset(root, kept, class_names, targets, stray_files + unreadable, image_size)
+
+
+_NOT_UTF8_NAME = "file name is not valid UTF-8 (shown with \\x escapes); rename the file to use it"
+_NOT_UTF8_FOLDER = "class folder name is not valid UTF-8 (shown with \\x escapes); rename the folder to use it"
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which cannot be written to Parquet or JSON)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_name(name: str) -> str:
+    """A name as printable UTF-8: bytes that are not UTF-8 become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_visible_files(folder: Path) -> list[Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from .dataset import FORMATS, TASKS, DataError, LoadedDataset
 from .folder import _load_image_folder
 from .manifest import _data_root_folder, _load_manifest
+from .image_table import _load_image_table, detect_image_column
 from .table import _load_table, _read_frame
 
 
@@ -158,5 +159,10 @@ def load_dataset(
         )
     if data_root is not None:
         raise DataError(f"a data root applies to a manifest (a file with a {path_column!r} column), but {shown} is a table")
+    if feature_columns is None and text_column is None and label_column in frame.columns:
+        image_column = detect_image_column(frame, [name for name in frame.columns if name != label_column])
+        if image_column is not None:
+            return _load_image_table(frame, root, shown, label_column=label_column, image_column=image_column,
+                                     task=task, image_size=image_size)
     return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task,
                        ignore_columns=ignore_columns, text_column=text_column)

@@ -107,7 +107,9 @@ CAP_QUANTILE = 0.9
 DEFAULT_EPOCHS = 20
 # The text network (benchmarks/text_noise.py, fine-food reviews): its hashed n-gram
 # embeddings memorize flipped texts quickly, so fewer epochs keep the flips apart.
+# A small corpus gets more epochs: at least TEXT_MIN_STEPS optimizer steps in all.
 TEXT_EPOCHS = 10
+TEXT_MIN_STEPS = 150
 MLP_EPOCHS = 10
 MLP_MIN_STEPS = 150
 
@@ -129,9 +131,9 @@ def default_epochs(network: str, examples: int, batch_size: int, *, classificati
     classification : bool
         False for a regression audit.
     """
-    if network == "text":
-        return TEXT_EPOCHS
     steps_per_epoch = math.ceil(examples / max(batch_size, 1))
+    if network == "text":
+        return max(TEXT_EPOCHS, math.ceil(TEXT_MIN_STEPS / steps_per_epoch))
     if classification and network == "mlp" and MLP_EPOCHS * steps_per_epoch >= MLP_MIN_STEPS:
         return MLP_EPOCHS
     return DEFAULT_EPOCHS
