@@ -194,7 +194,7 @@ def mixed_cell(name: str, kind: str, rate: float, seed: int, workdir: Path) -> d
         result = minnorm_audit.audit(data_file, out=workdir / "run", label_column=label, seed=seed, device="cpu")
     seconds = time.perf_counter() - started
     examples = result.examples
-    suggestion = np.array([class_names.index(loaded.class_names[i]) for i in examples["competing_label"].astype(int)])
+    suggestion = np.array([class_names.index(str(name)) for name in examples["competing_label"]])
     rows["minnorm-audit"] = label_noise.metrics(examples["difficulty"].to_numpy(), flipped,
                                                 (examples["flag"] == "mislabeled").to_numpy(), suggestion, clean, seconds)
     started = time.perf_counter()

@@ -108,7 +108,7 @@ DEFAULT_EPOCHS = 20
 # The text network (benchmarks/text_noise.py, fine-food reviews): its hashed n-gram
 # embeddings memorize flipped texts quickly, so fewer epochs keep the flips apart.
 # A small corpus gets more epochs: at least TEXT_MIN_STEPS optimizer steps in all.
-TEXT_EPOCHS = 10
+TEXT_EPOCHS = 5
 TEXT_MIN_STEPS = 150
 MLP_EPOCHS = 10
 MLP_MIN_STEPS = 150
