@@ -866,3 +866,13 @@ def test_a_file_name_that_is_not_utf8_is_set_aside_by_name_and_the_run_finishes(
     assert list(result.set_aside["source"]) == ["red/caf\\xe9.png"]
     assert "not valid UTF-8" in result.set_aside["reason"].iloc[0]
     assert len(result.examples) == 8
+
+
+def test_a_data_folder_whose_name_is_not_utf8_stops_before_training_naming_it(tmp_path: Path) -> None:
+    try:
+        root = image_folder(tmp_path / os.fsdecode(b"d\xe9mo"))
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("the file system refuses names that are not UTF-8")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, image_size=8)
+    assert_one_line_error(excinfo, "d\\xe9mo", "not valid UTF-8")

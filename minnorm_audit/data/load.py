@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .dataset import FORMATS, TASKS, DataError, LoadedDataset
-from .folder import _load_image_folder
+from .folder import _is_utf8, _load_image_folder, _shown_name as _printable
 from .manifest import _data_root_folder, _load_manifest
 from .image_table import _load_image_table, detect_image_column
 from .table import _load_table, _read_frame
@@ -135,8 +135,12 @@ def load_dataset(
     data_path = Path(path).expanduser()
     shown = str(path)
     if not data_path.exists():
-        raise DataError(f"data path not found: {shown}")
+        raise DataError(f"data path not found: {_printable(shown)}")
     root = data_path.resolve()
+    if not _is_utf8(str(root)):
+        # Checked before training: the run folder's Parquet and JSON files hold UTF-8 text only.
+        raise DataError(f"the data path {_printable(str(root))} is not valid UTF-8 (shown with \\x escapes); "
+                        "rename it or link to it from a UTF-8 name")
 
     if root.is_dir():
         if data_root is not None:

@@ -45,8 +45,10 @@ def detect_text_column(frame: pd.DataFrame, candidates: Iterable[str]) -> str | 
         column = frame[name]
         if not (column.dtype == object or pd.api.types.is_string_dtype(column)):
             continue
-        sample = column.iloc[:2000]
-        texts = pd.Series([_cell_text(value) for value in sample.tolist()], dtype=object)
+        sample = [value for value in column.iloc[:2000].tolist() if not _is_missing_cell(value)]
+        if not all(isinstance(value, str) for value in sample):
+            continue  # lists (an embedding), bytes (images), mixed cells: not free text
+        texts = pd.Series([value.strip() for value in sample], dtype=object)
         texts = texts[~texts.str.lower().isin(_MISSING_TOKENS)]
         if len(texts) < 2:
             continue
@@ -58,6 +60,10 @@ def detect_text_column(frame: pd.DataFrame, candidates: Iterable[str]) -> str | 
         if best is None or lengths.mean() > best[0]:
             best = (float(lengths.mean()), str(name))
     return None if best is None else best[1]
+
+
+def _is_missing_cell(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
 
 
 class _Hasher:
