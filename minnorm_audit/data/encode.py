@@ -64,6 +64,7 @@ _DATE_LIKE = re.compile(r"\d{1,4}[-/.]\d{1,2}[-/.]\d{1,4}([T ]\d{1,2}:\d{2}(:\d{
 # stray text (a typo, a decimal comma, a unit) and is refused naming the first such cell,
 # not read as a category.
 MIN_NUMERIC_SHARE = 0.5
+_DECIMAL_COMMA = r"[+-]?\d+,\d+"
 # Cut values shown in notes and errors to this many characters (cells may be long).
 SHOWN_CHARS = 40
 
@@ -146,7 +147,9 @@ def encode_column(
     texts = pd.Series([_cell_text(value) for value in column.tolist()], dtype=object)
     missing = texts.str.lower().isin(_MISSING_TOKENS).to_numpy()
     present = texts[~missing]
-    if not is_bool_dtype and pd.to_numeric(present, errors="coerce").notna().mean() >= MIN_NUMERIC_SHARE:
+    # A number written with a decimal comma ("1,5") counts as a number here.
+    looks_numeric = pd.to_numeric(present, errors="coerce").notna() | present.astype(str).str.fullmatch(_DECIMAL_COMMA)
+    if not is_bool_dtype and len(present) and looks_numeric.mean() >= MIN_NUMERIC_SHARE:
         raise NumbersWithText(first_text_row)
     distinct = set(present.str.lower().unique().tolist())
     spells_boolean = len(distinct) <= 2 and len(distinct & _TRUE) <= 1 and len(distinct & _FALSE) <= 1
