@@ -77,7 +77,9 @@ class ColumnEncoding:
     Attributes
     ----------
     column : str
-    encoding : {"numeric", "boolean", "datetime", "one-hot", "hashed", "vector", "left out", "text"}
+    encoding : {"numeric", "boolean", "datetime", "one-hot", "hashed", "vector", "left out", "text", "image"}
+        ``text``: the column the text network reads (:mod:`.text`); ``image``: a
+        Parquet column of encoded images (:mod:`.image_table`).
     features : list of str
         The feature names it gave, in order (empty when left out).
     levels : int or None
