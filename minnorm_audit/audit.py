@@ -188,12 +188,14 @@ def load_input(data: Any, settings: AuditOptions) -> LoadedDataset:
             ignore_columns=settings.ignore_columns,
             workers=settings.train.workers,
             split_folders=settings.split_folders,
+            text_column=settings.text_column,
         )
     if settings.data_root is not None:
         raise TypeError("data_root applies to a manifest on disk, not to data given in memory")
     if isinstance(data, pd.DataFrame):
         return load_frame(data, label_column=settings.label_column, feature_columns=settings.feature_columns,
-                          task=settings.task, ignore_columns=settings.ignore_columns)
+                          task=settings.task, ignore_columns=settings.ignore_columns,
+                          text_column=settings.text_column)
     if isinstance(data, tuple) and len(data) == 2:
         return load_arrays(data[0], data[1], task=settings.task, image_size=settings.resolved_image_size())
     if isinstance(data, torch.utils.data.Dataset) or (hasattr(data, "__getitem__") and hasattr(data, "__len__")):
@@ -352,7 +354,8 @@ def with_epoch_budget(settings: AuditOptions, loaded: LoadedDataset) -> AuditOpt
     if settings.train.epochs is not None:
         return settings
     is_image = isinstance(loaded.inputs, LazyImages) or loaded.inputs.ndim == 4
-    network = ("cnn" if is_image else "mlp") if settings.model == "auto" else settings.model
+    network = ("cnn" if is_image else "text" if loaded.kind == "text" else "mlp") if settings.model == "auto" \
+        else settings.model
     if settings.backbone:
         network = "finetune" if settings.finetune else frozen_head(settings)
     # Under torchrun every rank takes batch_size examples a step.

@@ -40,7 +40,7 @@ def _training_options(function: Any, *, image_size: int | None = None) -> Any:
 
     defaults = TrainConfig()
     options = [
-        click.option("--model", default="auto", help="auto (MLP for tables, plain CNN for images, a linear head on --backbone features), linear, mlp, cnn, or a torchvision model name (trained from random weights: for pretrained ones use --backbone)."),
+        click.option("--model", default="auto", help="auto (MLP for tables, plain CNN for images, the text network for a text column, a linear head on --backbone features), linear, mlp, cnn, text, or a torchvision model name (trained from random weights: for pretrained ones use --backbone)."),
         click.option("--epochs", type=click.IntRange(min=1), default=None, help="Training epochs (the stopping rule: a fixed dual-time budget) [default: 10 for the MLP on a classification task when that is at least 150 optimizer steps, else 20]."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Examples per optimizer step [default: 128, or examples / 8 (at least 8) below 1,024 examples, so that small sets get enough steps to fit]."),
         click.option("--optimizer", type=click.Choice(["adam", "adamw", "sgd"]), default=defaults.optimizer, help="Base optimizer Minnorm wraps."),
@@ -168,7 +168,8 @@ _RESUME_FREE_OPTIONS = frozenset({"device", "workers", "max_memory_gb", "determi
 _SETTING_OF_OPTION = {
     "data_format": ("format",), "label_column": ("label_column",), "path_column": ("path_column",),
     "data_root": ("data_root",), "task": ("task",), "feature_columns": ("feature_columns",),
-    "ignore_columns": ("ignore_columns",), "split_folders": ("split_folders",), "model": ("model",), "image_size": ("image_size",),
+    "ignore_columns": ("ignore_columns",), "split_folders": ("split_folders",), "text_column": ("text_column",),
+    "model": ("model",), "image_size": ("image_size",),
     "flag_fraction": ("flag_fraction",), "threshold": ("threshold",), "gallery_size": ("gallery_size",),
     "threads": ("threads",),
     **{name: ("train", name) for name in (
@@ -277,6 +278,7 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
 @click.option("--feature-columns", "feature_columns", multiple=True, metavar="NAMES", help="Table: the feature columns, comma-separated or the option repeated [default: every column but the label, the ignored ones and a saved pandas index]. A column of lists (an embedding) may be named whole or as NAME[i].")
 @click.option("--ignore-columns", "ignore_columns", multiple=True, metavar="NAMES", help="Table: columns that are not features (ids, notes, ...), comma-separated or the option repeated.")
 @click.option("--split-folders", "split_folders", multiple=True, metavar="NAMES", help="Image folder: the top-level folders that are splits over the same class folders (DATA/<split>/<class>/...), comma-separated, or 'none' to read the top level as classes [default: detected when every top-level folder is a split name: train, val, valid, validation, test, dev, ...].")
+@click.option("--text-column", default=None, metavar="NAME", help="Table: a column of free text, audited with the built-in text network [default: detected when no feature columns are named: a string column of long, mostly different values].")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Run folder [default: reports/<data-name>-<timestamp>].")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None, help="Continue the interrupted run in RUN_DIR with the settings it started with (kept in its checkpoint); an option given that would change what is trained is refused.")
 @click.option("--backbone", default=None, metavar="NAME|FILE", help="Audit images through a pretrained network: a torchvision name with its weights (resnet50, resnet50:IMAGENET1K_V2, vit_b_16, ...), a timm name (when timm is installed), a TorchScript file or an ONNX file (needs onnxruntime). A file is a function from a float batch N x 3 x H x W in [0, 1] (at --image-size) to features N x D. Names are preprocessed with their weights' own transforms; weights come from the torch hub cache (TORCH_HOME) or the Hugging Face cache, or --weights.")
@@ -286,7 +288,8 @@ def _qa_gate(summary: dict[str, Any], fail_on_flagged: float | None) -> None:
 @_training_options
 def run(data: Path, data_format: str, label_column: str, path_column: str, data_root: Path | None, task: str,
         feature_columns: tuple[str, ...], ignore_columns: tuple[str, ...], split_folders: tuple[str, ...],
-        out: Path | None, resume_dir: Path | None, fail_on_flagged: float | None, **options: Any) -> None:
+        text_column: str | None, out: Path | None, resume_dir: Path | None, fail_on_flagged: float | None,
+        **options: Any) -> None:
     """Audit DATA (image folder, manifest or table) and write a run folder.
 
     \b
@@ -295,6 +298,7 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
         minnorm-audit run embeddings.parquet --label-column class --json
         minnorm-audit run cleaned.csv --data-root photos/
         minnorm-audit run table.csv --ignore-columns id,notes
+        minnorm-audit run reviews.csv --text-column review --label-column score
     """
     from .audit import default_run_dir, run_audit
     from .data import DataError, load_dataset
@@ -302,7 +306,8 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
 
     settings = _settings(options, format=data_format, label_column=label_column, path_column=path_column, task=task,
                          data_root=data_root, feature_columns=_column_list(feature_columns),
-                         ignore_columns=_column_list(ignore_columns), split_folders=_column_list(split_folders))
+                         ignore_columns=_column_list(ignore_columns), split_folders=_column_list(split_folders),
+                         text_column=text_column)
     run_dir = resume_dir or out or default_run_dir(data)
     try:
         if resume_dir is not None:
@@ -312,7 +317,8 @@ def run(data: Path, data_format: str, label_column: str, path_column: str, data_
                               path_column=settings.path_column, task=settings.task, image_size=settings.resolved_image_size(),
                               data_root=settings.data_root, max_memory_gb=settings.train.max_memory_gb,
                               feature_columns=settings.feature_columns, ignore_columns=settings.ignore_columns,
-                              workers=settings.train.workers, split_folders=settings.split_folders)
+                              workers=settings.train.workers, split_folders=settings.split_folders,
+                              text_column=settings.text_column)
         load_seconds = time.perf_counter() - started
         if not options["quiet"] and is_main_process():
             for note in loaded.notes:

@@ -94,6 +94,7 @@ class AuditOptions:
             return int(self.image_size)
         return 224 if self.backbone else 32
 
+    text_column: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The settings as plain values (what a checkpoint stores, so that ``--resume``

@@ -365,6 +365,8 @@ def build_summary(
         "not_learned": not_learned_findings(per_class),
         # What the loader decided about the input (a saved index left out, values clipped, ...).
         "notes": list(loaded.notes),
+        # Tables and text: how each feature column was encoded (data/encode.py).
+        "column_encodings": list(loaded.column_encodings),
         "timings": timings,
         "config": config,
         "versions": versions,
@@ -401,6 +403,9 @@ def build_gallery(examples: pd.DataFrame, loaded: LoadedDataset, size: int) -> p
         if loaded.kind == "images":
             thumbnails.append(png_bytes(loaded.inputs[example_id]))
             features.append(None)
+        elif loaded.original_values is not None:  # encoded columns and text: the cells as given
+            thumbnails.append(None)
+            features.append(json.dumps(original_cells(loaded.original_values, example_id)))
         else:
             row = loaded.inputs[example_id].tolist()[:16]
             thumbnails.append(None)
@@ -408,6 +413,27 @@ def build_gallery(examples: pd.DataFrame, loaded: LoadedDataset, size: int) -> p
     gallery["thumbnail_png"] = pd.Series(thumbnails, dtype=object)
     gallery["feature_values"] = pd.array(features, dtype="string")
     return gallery
+
+
+# A text cell in the gallery is cut to this many characters (the page escapes it).
+GALLERY_TEXT_CHARS = 300
+
+
+def original_cells(original: pd.DataFrame, example_id: int) -> dict[str, Any]:
+    """The first 16 feature cells of one example as given: numbers as numbers, the
+    rest as text cut to GALLERY_TEXT_CHARS characters, missing as None."""
+    cells: dict[str, Any] = {}
+    for name, value in list(original.iloc[example_id].items())[:16]:
+        if value is None or (isinstance(value, float) and value != value) or value is pd.NA:
+            cells[str(name)] = None
+        elif isinstance(value, (bool, np.bool_)):
+            cells[str(name)] = bool(value)
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            cells[str(name)] = value.item() if hasattr(value, "item") else value
+        else:
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            cells[str(name)] = text if len(text) <= GALLERY_TEXT_CHARS else text[: GALLERY_TEXT_CHARS - 3] + "..."
+    return cells
 
 
 def png_bytes(image: torch.Tensor) -> bytes:

@@ -146,7 +146,7 @@ def test_in_memory_errors_match_the_table_loader(tmp_path):
     cases = {
         # One bad row is set aside (test_real_inputs.py); a column mostly bad stops the run.
         "nan": frame.assign(b=frame["b"].where(frame.index < 3)),
-        "text": frame.assign(note="x"),
+        "text": frame.assign(b=frame["b"].astype(object).where(frame.index != 2, "oops")),  # a word among numbers
         "empty label": frame.assign(label=frame["label"].astype(str).where(frame.index < 4, "")),
         "one class": frame.assign(label=1),
         "no label": frame.drop(columns="label"),

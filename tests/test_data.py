@@ -214,13 +214,15 @@ def test_manifest_format_needs_the_path_column(tmp_path: Path) -> None:
     assert_one_line_error(excinfo, "m.csv", "'path'", "'file'")
 
 
-def test_non_numeric_feature_columns_are_named(tmp_path: Path) -> None:
+def test_text_in_a_numeric_column_is_named_and_a_category_is_encoded(tmp_path: Path) -> None:
     frame = pd.DataFrame({"ok": [1, 2], "colour": ["red", "blue"], "size": ["1", "big"], "label": ["a", "b"]})
     table = _write_table(tmp_path / "t.csv", frame)
     with pytest.raises(DataError) as excinfo:
         load_dataset(table)
-    assert_one_line_error(excinfo, "t.csv", "non-numeric", "'colour'", "'size'", "'big' in row 1")
-    assert "'ok'" not in str(excinfo.value)
+    assert_one_line_error(excinfo, "t.csv", "non-numeric", "'size'", "'big' in row 1")
+    assert "'ok'" not in str(excinfo.value) and "'colour'" not in str(excinfo.value)
+    loaded = load_dataset(table, feature_columns=["ok", "colour"])
+    assert loaded.feature_names == ["ok", "colour=blue", "colour=red"]
 
 
 @pytest.mark.parametrize(("bad_value", "kind"), [(np.nan, "missing"), (np.inf, "infinite"), (None, "missing")])

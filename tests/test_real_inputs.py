@@ -627,3 +627,252 @@ def test_train_r2_for_regression(tmp_path: Path) -> None:
     assert set(result.summary["fit"]) == {"train_r2", "fraction_fitted"}
     assert 0.0 <= result.summary["fit"]["fraction_fitted"] <= 1.0
     assert "train_accuracy" not in result.summary["fit"]
+
+
+# --------------------------------------------------------------------------- 12. tables and text as people have them (issue 21)
+
+from minnorm_audit.data.encode import HASH_DIMS, MAX_ONE_HOT_LEVELS, encode_column  # noqa: E402
+from minnorm_audit.data.text import NUM_BUCKETS, text_ids  # noqa: E402
+from helpers import image_bytes  # noqa: E402
+
+
+def traits(rows: int = 60, seed: int = 0) -> pd.DataFrame:
+    """Leaf-trait-like table: the class follows the categorical 'shape' and a number."""
+    rng = np.random.default_rng(seed)
+    shape = rng.choice(["ovate", "lanceolate", "cordate"], size=rows)
+    labels = np.where(shape == "ovate", "oak", np.where(shape == "lanceolate", "willow", "lime"))
+    return pd.DataFrame({
+        "apex": rng.choice(["acute", "obtuse"], size=rows),
+        "shape": shape,
+        "toothed": rng.choice([True, False], size=rows),
+        "width": rng.normal(size=rows) + (shape == "cordate") * 3.0,
+        "label": labels,
+    })
+
+
+def test_a_mixed_type_csv_runs_and_records_each_columns_encoding(tmp_path: Path) -> None:
+    frame = traits()
+    frame["day"] = pd.date_range("2024-01-01", periods=len(frame), freq="D").strftime("%Y-%m-%d")
+    frame.to_csv(tmp_path / "leaves.csv", index=False)
+    result = minnorm_audit.audit(tmp_path / "leaves.csv", out=tmp_path / "run", epochs=2, device="cpu")
+    encodings = {entry["column"]: entry for entry in result.summary["column_encodings"]}
+    assert encodings["apex"]["encoding"] == "one-hot" and encodings["apex"]["features"] == ["apex=acute", "apex=obtuse"]
+    assert encodings["shape"]["levels"] == 3
+    assert encodings["toothed"] == {"column": "toothed", "encoding": "boolean", "features": ["toothed"]}
+    assert encodings["width"]["encoding"] == "numeric"
+    assert encodings["day"]["features"] == ["day.year", "day.month", "day.day", "day.weekday"]
+    assert len(result.examples) == 60
+    gallery = pd.read_parquet(tmp_path / "run" / "gallery.parquet")
+    if len(gallery):  # the page shows the cells as given, not the encoded features
+        shown = json.loads(gallery["feature_values"].iloc[0])
+        row = int(gallery["source"].iloc[0])
+        assert shown["shape"] == frame["shape"].iloc[row] and shown["day"] == frame["day"].iloc[row]
+
+
+def test_encodings_against_known_values() -> None:
+    booleans = pd.Series(["True", "False", "false", "TRUE"])
+    values, encoding = encode_column(booleans, "b", named=False)
+    assert encoding.encoding == "boolean" and values[:, 0].tolist() == [1.0, 0.0, 0.0, 1.0]
+    arrow = pd.Series([True, False, None], dtype="bool[pyarrow]")
+    values, encoding = encode_column(arrow, "a", named=False)  # missing: a level of its own
+    assert encoding.encoding == "one-hot" and encoding.features == ["a=(missing)", "a=False", "a=True"]
+    assert values.tolist() == [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    cells = pd.Series(["x", "y", "x", None])
+    values, encoding = encode_column(cells, "c", named=False)
+    assert encoding.features == ["c=(missing)", "c=x", "c=y"] and encoding.pooled_levels == 0
+    assert values.tolist() == [[0, 1, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]]
+    # 35 levels (over the cap of 32): the 31 most frequent keep a feature, the 4 rare share "(other)"
+    tail = pd.Series([f"L{i:02d}" for i in range(31) for _ in range(10)] + ["r1", "r2", "r3", "r4"])
+    values, encoding = encode_column(tail, "t", named=False)
+    assert MAX_ONE_HOT_LEVELS == 32 and encoding.levels == 35 and encoding.pooled_levels == 4
+    assert encoding.features[-1] == "t=(other)" and values.shape == (314, 32)
+    assert values[-4:, -1].tolist() == [1, 1, 1, 1] and values[0, 0] == 1
+    dates = pd.Series(pd.to_datetime(["2024-03-01 13:30", "2023-12-31 00:00"]))
+    values, encoding = encode_column(dates, "d", named=False)
+    assert values.tolist() == [[2024, 3, 1, 4, 13.5], [2023, 12, 31, 6, 0.0]]
+    many = pd.Series([f"level{i % 50}" for i in range(500)])
+    values, encoding = encode_column(many, "m", named=False)
+    assert MAX_ONE_HOT_LEVELS < 50 and encoding.encoding == "hashed" and values.shape == (500, HASH_DIMS)
+    assert np.array_equal(values[0], values[50]) and not np.array_equal(values[0], values[1])
+    assert np.allclose(np.abs(values), 1 / np.sqrt(HASH_DIMS))
+    ids = pd.Series([f"user-{i:04d}" for i in range(20)])
+    values, encoding = encode_column(ids, "user", named=False)
+    assert values is None and encoding.encoding == "left out" and "'user'" in encoding.note
+
+
+def test_a_pandas_csv_with_true_false_columns_reads_like_its_parquet(tmp_path: Path) -> None:
+    frame = traits()[["toothed", "width", "label"]]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_parquet(tmp_path / "t.parquet")
+    from_csv, from_parquet = load_dataset(tmp_path / "t.csv"), load_dataset(tmp_path / "t.parquet")
+    assert torch.equal(from_csv.inputs, from_parquet.inputs)
+    assert from_csv.inputs[:, 0].tolist() == frame["toothed"].astype(float).tolist()
+
+
+def test_an_id_column_is_left_out_with_a_note_and_a_stray_word_in_numbers_is_named(tmp_path: Path) -> None:
+    frame = traits()
+    frame["sample_id"] = [f"S{i:03d}" for i in range(len(frame))]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    loaded = load_dataset(tmp_path / "t.csv")
+    assert not any(name.startswith("sample_id") for name in loaded.feature_names)
+    assert any("'sample_id'" in note and "not used as a feature" in note for note in loaded.notes)
+    frame["width"] = frame["width"].astype(str)
+    frame.loc[3, "width"] = "n.a.x"
+    frame.to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(tmp_path / "bad.csv")
+    assert_one_line_error(excinfo, "'width'", "'n.a.x' in row 3")
+
+
+def reviews(rows: int = 120, seed: int = 0) -> pd.DataFrame:
+    """Generated product reviews: positive and negative words decide the label."""
+    rng = np.random.default_rng(seed)
+    good = ["great", "delicious", "love", "perfect", "excellent", "tasty"]
+    bad = ["awful", "stale", "bland", "broken", "terrible", "refund"]
+    filler = ["the", "coffee", "box", "arrived", "this", "product", "taste", "and", "was", "really", "my", "kids"]
+    texts, labels = [], []
+    for row in range(rows):
+        positive = row % 2 == 0
+        words = list(rng.choice(filler, size=12)) + list(rng.choice(good if positive else bad, size=4))
+        rng.shuffle(words)
+        texts.append(" ".join(words) + f" order {row}")
+        labels.append("good" if positive else "bad")
+    return pd.DataFrame({"review": texts, "score": labels})
+
+
+def test_a_review_column_is_detected_and_the_text_network_finds_flipped_labels(tmp_path: Path) -> None:
+    frame = reviews()
+    flipped = np.arange(0, 120, 12)  # 10 of 120
+    frame.loc[flipped, "score"] = np.where(frame.loc[flipped, "score"] == "good", "bad", "good")
+    frame.to_csv(tmp_path / "reviews.csv", index=False)
+    with pytest.warns(DataNotice, match="free text"):
+        result = minnorm_audit.audit(tmp_path / "reviews.csv", out=tmp_path / "run", label_column="score",
+                                     device="cpu", seed=0, epochs=40, batch_size=32)
+    assert result.summary["column_encodings"] == [{"column": "review", "encoding": "text", "features": ["review"]}]
+    ranked = result.examples.sort_values("difficulty", ascending=False)["source"].astype(int).head(len(flipped))
+    assert len(set(ranked) & set(flipped.tolist())) >= 8  # the flips top the ranking
+    gallery = pd.read_parquet(tmp_path / "run" / "gallery.parquet")
+    shown = json.loads(gallery["feature_values"].iloc[0])
+    assert shown["review"] == frame["review"].iloc[int(gallery["source"].iloc[0])]
+
+
+def test_text_ids_are_hashed_word_and_character_ngrams() -> None:
+    ids = text_ids("Good tea")
+    # 2 words + 1 bigram + character 3- and 4-grams of "<good>" (4 + 3) and "<tea>" (3 + 2)
+    assert len(ids) == 2 + 1 + 7 + 5 and all(1 <= i < NUM_BUCKETS for i in ids)
+    assert text_ids("good TEA") == ids and text_ids("tea good") != ids
+    assert text_ids("...") == []
+
+
+def hf_image_parquet(path: Path, cells: list, labels: list) -> Path:
+    image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array(cells, type=image_type), "label": labels})
+    pq.write_table(table, path)
+    return path
+
+
+def test_a_hugging_face_image_column_is_decoded_and_bad_rows_are_set_aside(tmp_path: Path) -> None:
+    png = lambda color: image_bytes(solid(color), "PNG")  # noqa: E731
+    cells = [{"bytes": png((200, 0, 0)), "path": "a.png"}, {"bytes": png((0, 200, 0)), "path": "b.png"}] * 3
+    cells.append({"bytes": b"\x89PNG\r\n" + b"\x00" * 5000, "path": "broken.png"})
+    table = hf_image_parquet(tmp_path / "train.parquet", cells, [0, 1] * 3 + [0])
+    loaded = load_dataset(table, image_size=8)
+    assert loaded.kind == "images" and loaded.inputs.shape == (6, 3, 8, 8)
+    assert loaded.inputs[0, 0, 0, 0] == 200 and loaded.inputs[1, 1, 0, 0] == 200
+    reasons = set_aside_reasons(loaded)
+    assert list(reasons) == ["6"] and len(reasons["6"]) < 200
+    raw = pa.table({"png": pa.array([b"not an image " * 3000] * 4, type=pa.binary()), "label": [0, 1, 0, 1]})
+    pq.write_table(raw, tmp_path / "raw.parquet")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(tmp_path / "raw.parquet")
+    assert_one_line_error(excinfo, "no readable images", "row 0")
+    assert len(str(excinfo.value)) < 300 and "not an image not" not in str(excinfo.value)
+
+
+def test_labels_one_and_one_point_zero_are_one_class(tmp_path: Path) -> None:
+    frame = blobs(rows=30, classes=3)
+    frame["label"] = [["1", "2", "3"][i % 3] if i % 2 else ["1.0", "2.0", "3.0"][i % 3] for i in range(30)]
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    loaded = load_dataset(tmp_path / "t.csv")
+    assert loaded.class_names == ["1", "2", "3"]
+    assert any("compared as numbers" in note for note in loaded.notes)
+
+
+def test_a_duplicated_label_header_stops_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text("a,label,b,label\n1,x,2,y\n3,y,4,x\n")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(tmp_path / "t.csv")
+    assert_one_line_error(excinfo, "t.csv", "'label' twice", "columns 2 and 4")
+
+
+def test_a_price_label_suggests_regression_and_joined_labels_get_a_note(tmp_path: Path) -> None:
+    frame = blobs(rows=90)
+    frame["label"] = np.round(np.random.default_rng(0).uniform(5, 500, size=90), 2)
+    frame.to_csv(tmp_path / "price.csv", index=False)
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(tmp_path / "price.csv")
+    assert_one_line_error(excinfo, "'label'", "continuous target", "--task regression")
+    assert load_dataset(tmp_path / "price.csv", task="regression").targets.shape == (90, 1)
+    frame = blobs(rows=40)
+    frame.loc[::4, "label"] = "c0|c1"
+    frame.to_csv(tmp_path / "multi.csv", index=False)
+    notes = load_dataset(tmp_path / "multi.csv").notes
+    assert any("joined by '|'" in note and "not supported yet" in note for note in notes)
+
+
+def test_bare_comma_rows_at_the_end_are_dropped_with_a_note(tmp_path: Path) -> None:
+    frame = blobs(rows=60)
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with open(tmp_path / "t.csv", "a") as stream:
+        stream.write(",,,\n" * 100)
+    loaded = load_dataset(tmp_path / "t.csv")
+    assert len(loaded.sources) == 60 and loaded.set_aside == []
+    assert any("100 row(s) at the end are empty" in note for note in loaded.notes)
+
+
+def image_folder(root: Path) -> Path:
+    for name, color in (("red", (255, 0, 0)), ("green", (0, 255, 0))):
+        for index in range(4):
+            save_image(root / name / f"{index}.png", solid(color))
+    return root
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_a_named_pipe_and_a_link_to_a_device_are_set_aside_unopened(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = image_folder(tmp_path / "data")
+    os.mkfifo(root / "red" / "pipe.png")
+    os.symlink("/dev/zero", root / "green" / "zero.png")
+    script = ("import sys; from minnorm_audit.data import load_dataset; d = load_dataset(sys.argv[1], image_size=8); "
+              "print(sorted((i.source, i.reason) for i in d.set_aside)); print(len(d.sources))")
+    done = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True, text=True, timeout=240,  # a hang, not a slow import
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    assert "('green/zero.png', 'not a regular file (a device file); not opened')" in done.stdout
+    assert "('red/pipe.png', 'not a regular file (a named pipe (FIFO)); not opened')" in done.stdout
+    assert done.stdout.splitlines()[-1] == "8"
+
+
+def test_a_file_name_that_is_not_utf8_is_set_aside_by_name_and_the_run_finishes(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "data")
+    bad_name = os.fsdecode(b"caf\xe9.png")
+    try:
+        save_image(root / "red" / bad_name, solid((255, 0, 0)))
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("the file system refuses names that are not UTF-8")
+    result = minnorm_audit.audit(root, out=tmp_path / "run", epochs=1, device="cpu", image_size=8)
+    assert list(result.set_aside["source"]) == ["red/caf\\xe9.png"]
+    assert "not valid UTF-8" in result.set_aside["reason"].iloc[0]
+    assert len(result.examples) == 8
+
+
+def test_a_data_folder_whose_name_is_not_utf8_stops_before_training_naming_it(tmp_path: Path) -> None:
+    try:
+        root = image_folder(tmp_path / os.fsdecode(b"d\xe9mo"))
+    except (UnicodeEncodeError, OSError):
+        pytest.skip("the file system refuses names that are not UTF-8")
+    with pytest.raises(DataError) as excinfo:
+        load_dataset(root, image_size=8)
+    assert_one_line_error(excinfo, "d\\xe9mo", "not valid UTF-8")

@@ -15,7 +15,10 @@ Modules, in the order data flows through them:
 - ``load``: :func:`load_dataset`, which picks the layout of a path on disk;
 - ``folder``: the image folder layout;
 - ``manifest``: the manifest layout, and the containment of its paths;
-- ``table``: reading CSV and Parquet files, and tables of numeric features;
+- ``table``: reading CSV and Parquet files, and tables of features;
+- ``encode``: mixed-type columns (booleans, categories, dates, ids) as numeric features;
+- ``text``: a free-text column as hashed n-gram ids for the text network;
+- ``image_table``: a Parquet column of encoded images (Hugging Face ``Image``);
 - ``memory``: :func:`load_frame`, :func:`load_arrays`, :func:`load_torch_dataset`;
 - ``labels``: label text, class indices and numeric values from cells;
 - ``image_files``: many image files decoded (or pre-scanned) into one dataset;

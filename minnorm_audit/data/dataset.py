@@ -72,7 +72,7 @@ class LoadedDataset:
 
     Attributes
     ----------
-    kind : {"images", "table"}
+    kind : {"images", "table", "text"}
     task : {"classification", "regression"}
     root : Path or None
         The data path given by the user (folder or file), resolved; None for data
@@ -83,7 +83,8 @@ class LoadedDataset:
     inputs : Tensor or LazyImages
         Images: uint8, shape (N, 3, S, S); a :class:`~minnorm_audit.data.placement.LazyImages`
         (decoded per item, same pixels) when the images do not fit ``max_memory_gb``. Tables: float32, shape (N, D), not
-        standardized (the trainer standardizes).
+        standardized (the trainer standardizes). Text: int64 hashed n-gram ids, shape
+        (N, L), 0 = padding (:func:`~minnorm_audit.data.text.encode_texts`).
     targets : Tensor
         Classification: int64 class indices into ``class_names``, shape (N,).
         Regression: float32, shape (N, T).
@@ -112,6 +113,14 @@ class LoadedDataset:
     splits : list of str or None
         A split root (``DATA/<split>/<class>/...``, see :mod:`.folder`): each example's
         split folder name as written (``"train"``, ``"val"``, ...). None otherwise.
+    column_encodings : list of dict
+        Tables and text: how each feature column was encoded
+        (:meth:`~minnorm_audit.data.encode.ColumnEncoding.to_dict`; summary.json's
+        ``column_encodings``). Empty for images.
+    original_values : DataFrame or None
+        Tables with encoded (non-numeric) columns, and text: the feature cells as
+        given, one row per kept example (same order as ``sources``), for the gallery.
+        None when every feature is numeric (``inputs`` already shows them).
     """
 
     kind: str
@@ -129,6 +138,8 @@ class LoadedDataset:
     origin: str | None = None
     notes: list[str] = field(default_factory=list)
     splits: list[str] | None = None
+    column_encodings: list[dict[str, Any]] = field(default_factory=list)
+    original_values: Any = None
 
 
 def _check_task(task: str) -> None:

@@ -69,9 +69,19 @@ def _load_image_folder(
                                 for item in split_strays]
             # Examples in class order, then by path: the same order on every run.
             for folder in sorted(class_dirs, key=lambda folder: (_nfc(folder.name), folder.name)):
+                if not _is_utf8(folder.name):  # the run folder's Parquet files hold UTF-8 text only
+                    stray_files += [SetAsideItem(_shown_name(file_path.relative_to(root).as_posix()),
+                                                 _NOT_UTF8_FOLDER) for file_path in _walk_visible_files(folder)]
+                    continue
                 for file_path in _walk_visible_files(folder):
-                    candidates.append((file_path.relative_to(root).as_posix(), folder.name, file_path,
-                                       None if split_dir is None else split_dir.name))
+                    source = file_path.relative_to(root).as_posix()
+                    if not _is_utf8(source):  # named, set aside
+                        stray_files.append(SetAsideItem(_shown_name(source), _NOT_UTF8_NAME))
+                        continue
+                    candidates.append((source, folder.name, file_path, None if split_dir is None else split_dir.name))
+        if not candidates and stray_files and all(item.reason in (_NOT_UTF8_FOLDER, _NOT_UTF8_NAME)
+                                                  for item in stray_files):
+            raise DataError(_nothing_readable_message(shown, stray_files))
         order = {name: index for index, name in
                  enumerate(_sorted_class_names({_nfc(label) for _, label, _, _ in candidates}))}
         candidates.sort(key=lambda item: (order[_nfc(item[1])], item[0]))
@@ -109,7 +119,7 @@ def _visible_entries(folder: Path) -> tuple[list[Path], list[SetAsideItem]]:
         if entry.is_dir():
             dirs.append(entry)
         elif entry.name not in METADATA_FILES:
-            files.append(SetAsideItem(entry.name, "not inside a class folder"))
+            files.append(SetAsideItem(_shown_name(entry.name), "not inside a class folder"))
     return dirs, files
 
 
@@ -178,6 +188,25 @@ def _metadata_candidates(
             else:
                 candidates.append((source, labels[row], resolved, split))
     return candidates, set_aside
+
+
+_NOT_UTF8_NAME = "file name is not valid UTF-8 (shown with \\x escapes); rename the file to use it"
+_NOT_UTF8_FOLDER = "class folder name is not valid UTF-8 (shown with \\x escapes); rename the folder to use it"
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a name holding bytes that are not UTF-8 (Python keeps them as lone
+    surrogates, which cannot be written to Parquet or JSON)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown_name(name: str) -> str:
+    """A name as printable UTF-8: bytes that are not UTF-8 become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_visible_files(folder: Path) -> list[Path]:

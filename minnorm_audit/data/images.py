@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,9 @@ class _DecodedImage:
 
 def _decode_image_file(file_path: Path, image_size: int) -> _DecodedImage:
     """Read one file and decode it to uint8 (3, S, S), or say why it cannot be used."""
+    special = _not_regular_file(file_path)
+    if special is not None:
+        return _DecodedImage(None, special, b"")
     try:
         content = file_path.read_bytes()  # read-only; one read serves both hash and decode
     except FileNotFoundError:
@@ -71,6 +76,23 @@ def _decode_image_file(file_path: Path, image_size: int) -> _DecodedImage:
     except Exception as err:  # noqa: BLE001 - one bad file must never stop the run; the reason keeps what happened
         return _DecodedImage(None, _describe_decode_error(err), content_sha256)
     return _DecodedImage(pixels, None, content_sha256)
+
+
+def _not_regular_file(file_path: Path) -> str | None:
+    """Why ``file_path`` is not read (checked with stat, before any open: a named pipe
+    would block the read forever, a device such as /dev/zero never ends), or None for
+    a regular file. Symlinks are followed, so a link to a device is refused too."""
+    try:
+        mode = os.stat(file_path).st_mode
+    except FileNotFoundError:
+        return None  # the read reports it
+    except OSError as err:
+        return f"cannot read file ({err.strerror or type(err).__name__})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None  # a folder: the read reports "not a file"
+    kind = ("named pipe (FIFO)" if stat.S_ISFIFO(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "device file" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special file")
+    return f"not a regular file (a {kind}); not opened"
 
 
 def _describe_decode_error(err: Exception) -> str:
@@ -108,6 +130,9 @@ def prescan_image_file(file_path: Path) -> tuple[str | None, bytes]:
     verified (CRCs, truncation), a JPEG is decoded at 1/8 scale (catches truncation).
     Nothing is kept but the hash.
     """
+    special = _not_regular_file(file_path)
+    if special is not None:
+        return special, b""
     try:
         content = file_path.read_bytes()
     except FileNotFoundError:

@@ -156,3 +156,61 @@ def _class_indices(labels: list[str], shown: str, notes: list[str] | None = None
         )
     index_of = {name: index for index, name in enumerate(class_names)}
     return class_names, torch.tensor([index_of[label] for label in labels], dtype=torch.int64)
+
+
+# A label column with at least this many distinct numeric values, most of them on one
+# row only, looks like a continuous target: classification would make one-row classes.
+REGRESSION_HINT_CLASSES = 20
+_MULTI_LABEL_SEPARATORS = ("|", ";")
+
+
+def _labels_as_numbers(texts: list[str], shown: str, label_column: str, notes: list[str]) -> list[str]:
+    """Labels compared as numbers: when every present label is a number and two
+    spellings name the same number (``1`` and ``1.0``, what a column that went through
+    float looks like), each becomes its plain spelling (``"1"``), with a note."""
+    present = [text for text in texts if text]
+    if not present:
+        return texts
+    spellings = set(present)
+    numbers = pd.to_numeric(pd.Series(sorted(spellings), dtype=object), errors="coerce")
+    if numbers.isna().any():
+        return texts
+    canonical = {text: _cell_text(float(value)) for text, value in zip(sorted(spellings), numbers.tolist())}
+    if len(set(canonical.values())) == len(spellings):
+        return texts  # no two spellings of one number: the labels stay as written
+    merged = sorted({text for text in spellings if canonical[text] != text})
+    notes.append(f"{shown}: labels in column {label_column!r} are compared as numbers, so "
+                 f"{_short_list(merged)} are read as {_short_list(sorted({canonical[t] for t in merged}))}")
+    return [canonical.get(text, text) for text in texts]
+
+
+def _check_label_shape(texts: list[str], shown: str, label_column: str, notes: list[str]) -> None:
+    """Stop when the labels look like a regression target; note ``a|b`` multi-label cells."""
+    present = [text for text in texts if text]
+    counts = pd.Series(present, dtype=object).value_counts()
+    if len(counts) >= REGRESSION_HINT_CLASSES and (counts == 1).sum() > len(counts) / 2:
+        numeric = pd.to_numeric(counts.index.to_series(), errors="coerce").notna().all()
+        if numeric:
+            raise DataError(
+                f"{shown}: label column {label_column!r} holds {len(counts)} distinct numbers, most of them on one row "
+                f"only: it looks like a continuous target; audit it with --task regression (task='regression'), "
+                "or bin it into classes first"
+            )
+    for separator in _MULTI_LABEL_SEPARATORS:
+        joined = [label for label in counts.index if separator in label]
+        if not joined:
+            continue
+        parts = {part.strip() for label in joined for part in label.split(separator)}
+        rows = int(counts[joined].sum())
+        if rows >= max(2, 0.05 * len(present)) or parts & set(counts.index):
+            notes.append(
+                f"{shown}: {rows} label(s) in column {label_column!r} hold several labels joined by {separator!r} "
+                f"(e.g. {_short_list(joined[:1])}); multi-label audits are not supported yet, so each joined set is "
+                "its own class: keep one label per row, or audit one yes/no column per label"
+            )
+            return
+
+
+def _short_list(texts: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(text[:40]) for text in texts[:limit])
+    return shown + (f" and {len(texts) - limit} more" if len(texts) > limit else "")

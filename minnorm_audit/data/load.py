@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .dataset import FORMATS, TASKS, DataError, LoadedDataset
-from .folder import _load_image_folder
+from .folder import _is_utf8, _load_image_folder, _shown_name as _printable
 from .manifest import _data_root_folder, _load_manifest
+from .image_table import _load_image_table, detect_image_column
 from .table import _load_table, _read_frame
 
 
@@ -30,6 +31,7 @@ def load_dataset(
     ignore_columns: list[str] | None = None,
     workers: int | None = None,
     split_folders: list[str] | None = None,
+    text_column: str | None = None,
 ) -> LoadedDataset:
     """Load an image folder, a manifest or a table, read-only.
 
@@ -67,6 +69,10 @@ def load_dataset(
         unreadable files aside. Default: half of the memory available now.
     ignore_columns : list of str, optional
         Table: columns that are not features (ids, notes, ...).
+    text_column : str, optional
+        Table: a column of free text to audit with the built-in text network
+        (:mod:`minnorm_audit.data.text`). Default: detected, when no feature columns
+        are named, as a string column of long, mostly different values with spaces.
     workers : int, optional
         Images decoded into memory: the most worker processes decoding 2,000 files or
         more (the same pixels as in one process); 0: this process only. Default: one
@@ -144,8 +150,12 @@ def load_dataset(
     data_path = Path(path).expanduser()
     shown = str(path)
     if not data_path.exists():
-        raise DataError(f"data path not found: {shown}")
+        raise DataError(f"data path not found: {_printable(shown)}")
     root = data_path.resolve()
+    if not _is_utf8(str(root)):
+        # Checked before training: the run folder's Parquet and JSON files hold UTF-8 text only.
+        raise DataError(f"the data path {_printable(str(root))} is not valid UTF-8 (shown with \\x escapes); "
+                        "rename it or link to it from a UTF-8 name")
 
     if root.is_dir():
         if data_root is not None:
@@ -169,5 +179,10 @@ def load_dataset(
         )
     if data_root is not None:
         raise DataError(f"a data root applies to a manifest (a file with a {path_column!r} column), but {shown} is a table")
+    if feature_columns is None and text_column is None and label_column in frame.columns:
+        image_column = detect_image_column(frame, [name for name in frame.columns if name != label_column])
+        if image_column is not None:
+            return _load_image_table(frame, root, shown, label_column=label_column, image_column=image_column,
+                                     task=task, image_size=image_size)
     return _load_table(frame, root, shown, label_column=label_column, feature_columns=feature_columns, task=task,
-                       ignore_columns=ignore_columns)
+                       ignore_columns=ignore_columns, text_column=text_column)

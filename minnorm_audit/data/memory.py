@@ -41,8 +41,9 @@ def load_frame(
     feature_columns: list[str] | None = None,
     task: str = "classification",
     ignore_columns: list[str] | None = None,
+    text_column: str | None = None,
 ) -> LoadedDataset:
-    """Load a pandas DataFrame of numeric features and a label column.
+    """Load a pandas DataFrame of feature columns (or a text column) and a label column.
 
     Parameters
     ----------
@@ -58,6 +59,9 @@ def load_frame(
     task : {"classification", "regression"}, default="classification"
     ignore_columns : list of str, optional
         Columns that are not features.
+    text_column : str, optional
+        A column of free text for the text network (default: detected, see
+        :func:`load_dataset`).
 
     Returns
     -------
@@ -85,6 +89,7 @@ def load_frame(
         feature_columns=None if feature_columns is None else [str(name) for name in feature_columns],
         task=task,
         ignore_columns=None if ignore_columns is None else [str(name) for name in ignore_columns],
+        text_column=None if text_column is None else str(text_column),
     )
     loaded.origin = "dataframe"
     return loaded

@@ -36,9 +36,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from .encode import ColumnEncoding, NumbersWithText, encode_column, shorten
 from .dataset import DataError, LoadedDataset, SetAsideItem, _list_names, _refuse_mostly_bad
 from .fingerprint import _Fingerprint, _little_endian_bytes
+from .text import detect_text_column, encode_texts
 from .labels import (
+    _check_label_shape,
+    _labels_as_numbers,
     _MISSING_TOKENS,
     _cell_text,
     _class_indices,
@@ -61,6 +65,8 @@ _VECTOR_ELEMENT = re.compile(r"(.+)\[(\d+)\]")
 # What _read_frame learned about a CSV, carried to the loaders in DataFrame.attrs.
 _NOTES_ATTR = "minnorm_audit_notes"
 _DELIMITER_ATTR = "minnorm_audit_delimiter"
+# The CSV header as written (pandas renames a repeated name "label" to "label.1").
+_HEADER_ATTR = "minnorm_audit_header"
 
 
 def _read_frame(file_path: Path, shown: str) -> pd.DataFrame:
@@ -84,12 +90,22 @@ def _read_frame(file_path: Path, shown: str) -> pd.DataFrame:
                 notes.append(f"{shown} was read as a {_DELIMITER_NAMES[delimiter]}-delimited CSV{with_commas}")
             frame.attrs[_NOTES_ATTR] = notes
             frame.attrs[_DELIMITER_ATTR] = delimiter
+            frame.attrs[_HEADER_ATTR] = _header_names(file_path, delimiter)
             return frame
         return pq.read_table(file_path).to_pandas()
     except (ValueError, OSError, NotImplementedError, pa.ArrowException) as err:
         kind = "CSV" if suffix == ".csv" else "Parquet"
         detail = " ".join(str(err).split())[:200] or type(err).__name__
         raise DataError(f"cannot read {kind} file {shown}: {detail}") from err
+
+
+def _header_names(file_path: Path, delimiter: str) -> list[str] | None:
+    """The first line's fields as written, or None when it cannot be read as text."""
+    with open(file_path, encoding="utf-8-sig", errors="replace", newline="") as stream:
+        try:
+            return next(csv.reader(stream, delimiter=delimiter))
+        except (StopIteration, csv.Error):
+            return None
 
 
 def _sniff_delimiter(file_path: Path) -> str:
@@ -151,23 +167,55 @@ def _load_table(
     feature_columns: list[str] | None,
     task: str,
     ignore_columns: list[str] | None = None,
+    text_column: str | None = None,
 ) -> LoadedDataset:
-    """Load numeric features and a label (or regression target) column; rows with an
+    """Load features (numbers, booleans, categories, dates: :mod:`.encode`) or a text
+    column (:mod:`.text`) and a label (or regression target) column; rows with an
     empty label or a missing value are set aside (see the module notes)."""
+    _refuse_duplicated_columns(frame, shown)
     _require_columns(frame, shown, {"label": label_column})
     notes: list[str] = list(frame.attrs.get(_NOTES_ATTR, []))
-    feature_names = _feature_column_names(frame, shown, label_column, feature_columns, ignore_columns, notes)
-    if not feature_names:
-        raise DataError(f"{shown} has no feature columns besides the label column {label_column!r}")
+    frame = _drop_trailing_empty_rows(frame, shown, notes)
     if len(frame) == 0:
         raise DataError(f"{shown} has no rows")
-
-    features, feature_names, reasons = _numeric_features(frame, feature_names, shown)
+    if text_column is not None:
+        _require_columns(frame, shown, {"text": text_column})
+        if text_column == label_column:
+            raise DataError(f"{shown}: the label column {label_column!r} is also given as the text column")
+    elif feature_columns is None:
+        text_column = detect_text_column(frame, [name for name in frame.columns if name != label_column
+                                                 and name not in (ignore_columns or [])])
+        if text_column is not None:
+            notes.append(f"{shown}: column {text_column!r} holds free text (long values, mostly different), so it is "
+                         "audited with the text network (give --text-column to choose another)")
+    if text_column is not None:
+        others = [str(name) for name in frame.columns if name not in (label_column, text_column)
+                  and name not in (ignore_columns or [])]
+        if others and feature_columns is None:
+            notes.append(f"{shown}: the text network reads the text column {text_column!r} only; "
+                         f"{_list_names(others)} are not used")
+        inputs, token_reasons = encode_texts(frame[text_column], text_column, shown)
+        features = None
+        reasons = dict(token_reasons)
+        feature_names = [text_column]
+        encodings = [ColumnEncoding(text_column, "text", [text_column])]
+        display_columns = [text_column]
+    else:
+        feature_names = _feature_column_names(frame, shown, label_column, feature_columns, ignore_columns, notes)
+        if not feature_names:
+            raise DataError(f"{shown} has no feature columns besides the label column {label_column!r}")
+        features, feature_names, reasons, encodings = _numeric_features(
+            frame, feature_names, shown, named=feature_columns is not None)
+        notes.extend(f"{shown}: {encoding.note}" for encoding in encodings if encoding.note)
+        display_columns = [encoding.column for encoding in encodings
+                           if encoding.encoding not in ("left out", "vector") and encoding.column in frame.columns]
     label_texts: list[str] | None = None
     if task == "regression":
         target_values, label_reasons = _numeric_targets(frame[label_column], shown, label_column)
     else:
         label_texts, label_reasons = _label_texts(frame[label_column], shown, label_column)
+        label_texts = _labels_as_numbers(label_texts, shown, label_column, notes)
+        _check_label_shape(label_texts, shown, label_column, notes)
     reasons.update(label_reasons)  # a row's label problem is named before its features'
     kept = np.array([row for row in range(len(frame)) if row not in reasons], dtype=np.int64)
     set_aside = [SetAsideItem(str(row), reasons[row]) for row in sorted(reasons)]
@@ -175,13 +223,18 @@ def _load_table(
         first = set_aside[0]
         raise DataError(f"no usable rows in {shown}: all {len(frame)} rows were set aside "
                         f"(first: row {first.source}: {first.reason})")
-    if set_aside:
-        features = np.ascontiguousarray(features[kept])
     sources = [str(row) for row in kept.tolist()]
-    fingerprint = _Fingerprint("table", task, None)
+    fingerprint = _Fingerprint("table" if features is not None else "text", task, None)
     for name in feature_names:
         fingerprint.add_text(name)
-    fingerprint.add_bytes(_little_endian_bytes(features))
+    if features is not None:
+        if set_aside:
+            features = np.ascontiguousarray(features[kept])
+        fingerprint.add_bytes(_little_endian_bytes(features))
+        input_tensor = torch.from_numpy(features)
+    else:
+        input_tensor = inputs[torch.from_numpy(kept)] if set_aside else inputs
+        fingerprint.add_bytes(_little_endian_bytes(input_tensor.numpy()))
     if set_aside:  # which rows were kept (a table without bad rows keeps its former fingerprint)
         fingerprint.add_text(" ".join(sources))
 
@@ -198,12 +251,15 @@ def _load_table(
         class_names, targets = _class_indices(kept_labels, shown)
         target_names = []
 
+    # The cells as given, for the page's gallery (encoded features are not readable).
+    plain = all(encoding.encoding in ("numeric", "vector") for encoding in encodings)
+    original = None if plain or not display_columns else frame[display_columns].iloc[kept].reset_index(drop=True)
     return LoadedDataset(
-        kind="table",
+        kind="table" if features is not None else "text",
         task=task,
         root=table_path,
         sources=sources,
-        inputs=torch.from_numpy(features),
+        inputs=input_tensor,
         targets=targets,
         class_names=class_names,
         target_names=target_names,
@@ -212,7 +268,54 @@ def _load_table(
         fingerprint=fingerprint.hexdigest(),
         image_size=None,
         notes=notes,
+        column_encodings=[encoding.to_dict() for encoding in encodings],
+        original_values=original,
     )
+
+
+def _refuse_duplicated_columns(frame: pd.DataFrame, shown: str) -> None:
+    """A header naming one column twice (pandas reads the CSV copy as ``name.1``)."""
+    header = frame.attrs.get(_HEADER_ATTR)
+    names = [str(name) for name in (header if header is not None else frame.columns)]
+    seen: dict[str, int] = {}
+    for position, name in enumerate(names):
+        if name in seen:
+            raise DataError(f"{shown}: the header names column {shorten(name)!r} twice (columns {seen[name] + 1} and "
+                            f"{position + 1}); rename or remove one so that it is clear which is meant")
+        seen[name] = position
+
+
+def _drop_trailing_empty_rows(frame: pd.DataFrame, shown: str, notes: list[str]) -> pd.DataFrame:
+    """Without the rows at the end that are empty in every column (what spreadsheets
+    export for formatted empty rows: ``,,,``); a note says how many."""
+    if not len(frame) or not len(frame.columns):
+        return frame
+    last = frame.iloc[-min(len(frame), 1):]
+    if not _empty_rows(last).all():
+        return frame
+    empty = _empty_rows(frame)
+    filled = np.flatnonzero(~empty)
+    keep = int(filled[-1]) + 1 if filled.size else 0
+    dropped = len(frame) - keep
+    notes.append(f"{shown}: {dropped} row(s) at the end are empty in every column (rows {keep} to {len(frame) - 1}) "
+                 "and were dropped")
+    trimmed = frame.iloc[:keep]
+    trimmed.attrs = dict(frame.attrs)
+    return trimmed
+
+
+def _empty_rows(frame: pd.DataFrame) -> np.ndarray:
+    empty = np.ones(len(frame), dtype=bool)
+    for name in frame.columns:
+        column = frame[name]
+        if column.dtype == object or pd.api.types.is_string_dtype(column):
+            cells = column.astype("string").str.strip()
+            empty &= (cells.isna() | (cells == "")).to_numpy(dtype=bool, na_value=True)
+        else:
+            empty &= column.isna().to_numpy(dtype=bool)
+        if not empty.any():
+            break
+    return empty
 
 
 def _feature_column_names(
@@ -275,12 +378,15 @@ def _saved_index_column(frame: pd.DataFrame, candidates: list[str]) -> str | Non
 
 
 def _numeric_features(
-    frame: pd.DataFrame, feature_names: list[str], shown: str
-) -> tuple[np.ndarray, list[str], dict[int, str]]:
-    """Feature columns as float32 (N, D), their names (vector columns expanded), and
-    {row: reason} for the rows holding a missing or infinite value. Raise naming
-    non-numeric columns, a value beyond float32's range, or a column mostly missing."""
+    frame: pd.DataFrame, feature_names: list[str], shown: str, *, named: bool = False
+) -> tuple[np.ndarray, list[str], dict[int, str], list[ColumnEncoding]]:
+    """Feature columns as float32 (N, D), their names (vector columns expanded,
+    categories one-hot or hashed, dates in parts: :mod:`.encode`), {row: reason} for
+    the rows holding a missing or infinite value, and each column's encoding. Raise
+    naming a value beyond float32's range, or a column mostly missing.
+    ``named``: the user named the feature columns (an id-like column is then kept)."""
     pieces: list[tuple[list[str], np.ndarray]] = []  # (names, values (N, width))
+    encodings: list[ColumnEncoding] = []
     non_numeric: list[str] = []
     vectors: dict[str, np.ndarray] = {}
     for name in feature_names:
@@ -291,23 +397,32 @@ def _numeric_features(
             if index >= matrix.shape[1]:
                 raise DataError(f"{shown}: no feature {name!r}: column {base!r} holds lists of {matrix.shape[1]} values")
             pieces.append(([name], matrix[:, index : index + 1]))
+            encodings.append(ColumnEncoding(name, "vector", [name]))
             continue
         column = frame[name]
         if _is_vector_column(column):
             matrix = vectors.setdefault(name, _vector_values(column, name, shown))
-            pieces.append(([f"{name}[{index}]" for index in range(matrix.shape[1])], matrix))
+            element_names = [f"{name}[{index}]" for index in range(matrix.shape[1])]
+            pieces.append((element_names, matrix))
+            encodings.append(ColumnEncoding(name, "vector", element_names))
             continue
-        values, first_bad_row = _to_numeric(column)
-        if values is None:
-            example = _cell_text(column.iloc[first_bad_row])
-            non_numeric.append(f"{name!r} (e.g. {example!r} in row {first_bad_row})")
-        else:
-            pieces.append(([name], values.reshape(-1, 1)))
+        try:
+            values, encoding = encode_column(column, name, named=named)
+        except NumbersWithText as mixed:
+            example = shorten(_cell_text(column.iloc[mixed.row]))
+            non_numeric.append(f"{name!r} (e.g. {example!r} in row {mixed.row})")
+            continue
+        encodings.append(encoding)
+        if values is not None:
+            pieces.append((encoding.features, values))
     if non_numeric:
         raise DataError(
-            f"{shown} has non-numeric feature columns: {_list_names(non_numeric, quote=False)}; "
-            f"choose the feature columns or drop these{_decimal_comma_hint(frame, non_numeric)}"
+            f"{shown} has numeric feature columns holding text: {_list_names(non_numeric, quote=False)} (non-numeric "
+            f"values); fix those cells or leave the columns out{_decimal_comma_hint(frame, non_numeric)}"
         )
+    if not pieces:
+        raise DataError(f"{shown} has no usable feature columns: {_list_names(feature_names)} were all left out "
+                        "(ids or names); name the feature columns to use them")
     names = [name for piece_names, _ in pieces for name in piece_names]
     features = np.empty((len(frame), len(names)), dtype=np.float32)
     start = 0
@@ -324,7 +439,7 @@ def _numeric_features(
         _refuse_mostly_bad(np.flatnonzero(not_finite[:, worst]).tolist(), len(frame), shown,
                            f"missing, NaN or infinite value in feature column {names[worst]!r}",
                            "fill the column or leave it out (ignore columns)")
-    return features, names, _non_finite_reasons(features, names, "value in feature column")
+    return features, names, _non_finite_reasons(features, names, "value in feature column"), encodings
 
 
 def _decimal_comma_hint(frame: pd.DataFrame, non_numeric: list[str]) -> str:

@@ -145,6 +145,10 @@ def default_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     class tokens and position embeddings are in). A model that is itself such a leaf
     (a bare ``nn.TransformerEncoderLayer``) is read without a trace.
 
+    A model with a ``minnorm_norm_parameters()`` method chooses for itself: its result
+    is the list (:class:`~minnorm_audit.training.models.TextNetwork` leaves its
+    embedding table out).
+
     Parameters
     ----------
     model : torch.nn.Module
@@ -157,6 +161,9 @@ def default_norm_parameters(model: nn.Module) -> list[nn.Parameter]:
     """
     while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
+    chosen_by_model = getattr(model, "minnorm_norm_parameters", None)
+    if callable(chosen_by_model):  # a network that says which of its weights are in (TextNetwork)
+        return list(chosen_by_model())
     named = list(model.named_parameters())
     never = _never_in_norm(model)
     tracer = fx.Tracer()
