@@ -162,6 +162,7 @@ class Minnorm(torch.optim.Optimizer):
         super().__init__(all_parameters, dict(base_optimizer.defaults))
         self.param_groups = base_optimizer.param_groups
         self.state = base_optimizer.state
+        self.trainable_parameters = all_parameters  # what static_step zeroes the gradients of
 
         if norm_parameters is not None:
             self.norm_parameters = list(norm_parameters)
@@ -416,12 +417,15 @@ class Minnorm(torch.optim.Optimizer):
         Needs the base optimizer's state (one eager :meth:`step` first: a warm-up).
         Outside a trace the weight step is the base optimizer's own; inside
         ``torch.compile`` it is :func:`~.weights.functional_weight_step` (torch's step
-        breaks graphs on purpose). ``dual_steps`` and the store's version are Python
-        counters: a captured graph's replays leave them to the caller.
+        breaks graphs on purpose). It changes no Python value (a trace would
+        specialise on it and recompile every step): the caller counts the step with
+        :meth:`count_static_step`.
         """
         if self._pending or self._queued or self._window_examples is not None:
             raise RuntimeError("static_step() cannot run inside deferred_dual_updates() or after lagrangian()")
-        parameters = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        # A list of its own, not read through param_groups: dynamo treats optimizers'
+        # param_groups specially and then loses gradients written by a traced backward.
+        parameters = [p for p in self.trainable_parameters if p.requires_grad]
         for parameter in parameters:
             if parameter.grad is None:  # the first call only
                 parameter.grad = torch.zeros_like(parameter)
@@ -453,8 +457,13 @@ class Minnorm(torch.optim.Optimizer):
             else:
                 self.base_optimizer.step()
             self._static_dual_update(example_ids, term, multipliers, valid)
-        self.dual_steps += 1
         return value.detach()
+
+    def count_static_step(self) -> None:
+        """Bump the Python counters a :meth:`static_step` leaves alone: ``dual_steps``
+        and the store's version (a batch read before it is stale after it)."""
+        self.dual_steps += 1
+        self.multipliers.version += 1
 
     def _static_dual_update(
         self, ids: torch.Tensor, term: constraints.LinearTerm, current: torch.Tensor, valid: torch.Tensor
@@ -475,10 +484,11 @@ class Minnorm(torch.optim.Optimizer):
             self.visits.index_add_(0, ids, valid.to(self.visits.dtype))
             if self.violation_sums is not None:
                 self.violation_sums.index_add_(0, ids, increment)  # type: ignore[arg-type]
+        # write, not scatter: no Python counter changes inside a traced or captured step.
         if isinstance(self.multipliers, CompactMultiplierStore):
-            self.multipliers.scatter(ids, updated, increment)
+            self.multipliers.write(ids, updated, increment)
         else:
-            self.multipliers.scatter(ids, updated)
+            self.multipliers.write(ids, updated)
         violation = _as_dtype(violation, self.last_violation.dtype)
         self.last_violation.index_copy_(0, ids, torch.where(valid, violation, self.last_violation.index_select(0, ids)))
 

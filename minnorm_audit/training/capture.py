@@ -80,8 +80,8 @@ class StaticStep:
     With ``capture``, the first :data:`WARMUP_STEPS` calls run eagerly on a side
     stream, the next one captures the step on static input buffers and every call
     from then on copies its batch into them and replays the graph. The Python
-    counters the graph cannot bump (``dual_steps``, the store's version) are bumped
-    here per replay.
+    counters the step leaves alone (``dual_steps``, the store's version) are bumped
+    here after every step.
     """
 
     def __init__(self, model: nn.Module, optimizer: Minnorm, *, capture: bool) -> None:
@@ -98,6 +98,7 @@ class StaticStep:
 
     def _eager(self, inputs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
         self.optimizer.static_step(self._forward, inputs, targets, ids, valid)  # type: ignore[arg-type]
+        self.optimizer.count_static_step()
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
         self.calls += 1
@@ -113,8 +114,7 @@ class StaticStep:
         for buffer, value in zip(self.static, (inputs, targets, ids, valid)):
             buffer.copy_(value, non_blocking=True)
         self.graph.replay()
-        self.optimizer.dual_steps += 1
-        self.optimizer.multipliers.version += 1
+        self.optimizer.count_static_step()
 
     @staticmethod
     def _on_side_stream(work: Callable[[], None]) -> None:
@@ -127,9 +127,7 @@ class StaticStep:
     def _capture(self, inputs: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor) -> None:
         self.static = tuple(value.clone() for value in (inputs, targets, ids, valid))
         graph = torch.cuda.CUDAGraph()
-        steps_before = self.optimizer.dual_steps
         # Capture records the kernels without running them; the replay that follows runs this batch.
         with torch.cuda.graph(graph):
-            self._eager(*self.static)
-        self.optimizer.dual_steps = steps_before
+            self.optimizer.static_step(self._forward, *self.static)  # type: ignore[arg-type]
         self.graph = graph
