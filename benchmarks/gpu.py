@@ -41,7 +41,7 @@ import torch
 from minnorm_audit import __version__, audit
 from minnorm_audit.data.placement import DeviceBatches
 from minnorm_audit.minnorm import Minnorm
-from minnorm_audit.training import TrainConfig, autocast_context, build_model, fit, resolve_device, train_one_epoch
+from minnorm_audit.training import TrainConfig, autocast_context, build_model, resolve_device, train_one_epoch
 from minnorm_audit.training.capture import StaticStep
 from minnorm_audit.training.setup import make_minnorm
 

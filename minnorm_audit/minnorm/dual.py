@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import VIOLATION_FLOOR, ConstraintForm, _as_dtype, clamp_to_box_
+from .common import VIOLATION_FLOOR, ConstraintForm, clamp_to_box_
 
 # Minnorm.deferred_dual_updates() applies the queued dual updates in one pass once they
 # cover this many examples (64 batches of 128): each pass is a dozen small tensor
