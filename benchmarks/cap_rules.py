@@ -36,12 +36,12 @@ import noise_lab as lab  # noqa: E402
 import minnorm_audit  # noqa: E402
 from minnorm_audit.minnorm import constraints  # noqa: E402
 
-fit_module = importlib.import_module("minnorm_audit.training.fit")
+from minnorm_audit.training import loop as fit_module
 CELLS = [("symmetric", 0.1), ("symmetric", 0.3), ("asymmetric", 0.1), ("asymmetric", 0.3)]
 
 
 def make_cap_rule(rule: str):
-    """A replacement for training.fit.cap_multipliers implementing ``rule``."""
+    """A replacement for training.loop.cap_multipliers implementing ``rule``."""
     epochs = {"count": 0}
 
     def quantile_cap(optimizer, q):

@@ -12,15 +12,32 @@ running mean). The MLP is kept small on purpose so the whole script stays within
 minutes on 2 CPU cores; the store's share of a step is what a larger network would
 dilute. Last, the store for ImageNet-1k's 1,281,167 examples x 1000 classes is
 allocated and measured (tensor bytes and resident memory).
+
+``--price ROWS [ROWS ...]`` measures instead what one audit costs against the runs it
+replaces, where training dominates: real digits as a 784-feature table (the bundled
+8x8 digits upsampled to 28 x 28 under random affine jitter and pixel noise, as
+``benchmarks/highdim.py``'s ``digits28``; as many jittered copies of each source as
+the row count needs), 10% symmetric label flips. Per row count, all on the same
+torch threads (``--threads``, default 1): the whole audit (public API, defaults),
+5-fold out-of-fold training of the same MLP at 5 epochs a fold plus cleanlab's
+``find_label_issues`` (cleanlab's input at its best budget), and AUM's single run (10
+epochs, Adam on cross-entropy); their wall times, ratios, and the average precision
+of each score for the flipped labels. ``--epochs E ...`` adds audit runs at other
+budgets (the levers)::
+
+    python benchmarks/scale.py --price 20000 3000 [--threads 1] [--epochs 7]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
 import time
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -139,17 +156,101 @@ def imagenet_store() -> dict[str, float]:
     }
 
 
+def digits784(rows: int, seed: int):  # type: ignore[no-untyped-def]
+    """``rows`` jittered 28 x 28 copies of the bundled digits (all 1,797 sources, both
+    of highdim's parts) with 10% symmetric flips: ``(features, given, flipped)``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import highdim
+    import noise_lab as lab
+
+    copies = math.ceil(rows / 1797) + 1
+    parts = [highdim.digits28(part, seed, copies=copies) for part in ("tuning", "held-out")]
+    features = np.concatenate([part.features for part in parts])
+    labels = np.concatenate([part.labels for part in parts])
+    keep = np.random.default_rng(seed).permutation(len(labels))[:rows]
+    given, flipped = lab.inject_noise(labels[keep], 10, "symmetric", 0.1, seed)
+    return features[keep], given, flipped
+
+
+def price(rows: int, seed: int, epoch_levers: list[int]) -> list[dict[str, object]]:
+    """Wall time and average precision of the audit (defaults, then each lever), 5-fold
+    cleanlab and AUM on one table of ``rows`` rows."""
+    import tempfile
+
+    import noise_lab as lab
+
+    import minnorm_audit
+
+    features, given, flipped = digits784(rows, seed)
+    table_rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory() as workdir:
+        import pandas as pd
+
+        table = pd.DataFrame(features, columns=[f"p{i}" for i in range(features.shape[1])])
+        table["label"] = given
+        data_file = Path(workdir) / "digits784.parquet"
+        table.to_parquet(data_file)
+        for epochs in [None, *epoch_levers]:
+            started, cpu_started = time.perf_counter(), time.process_time()
+            result = minnorm_audit.audit(data_file, out=Path(workdir) / f"run-{epochs}", seed=seed, device="cpu",
+                                         epochs=epochs)
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            score = result.examples["difficulty"].to_numpy()  # in row order
+            table_rows.append({"method": f"minnorm-audit, {epochs or 'default'} epochs", "seconds": seconds,
+                               "cpu": cpu, "ap": lab.average_precision(score, flipped)})
+    cpu_started = time.process_time()
+    cleanlab = lab.run_cleanlab(features, given, 10, epochs=5, seed=seed)
+    cleanlab_cpu = time.process_time() - cpu_started
+    table_rows.append({"method": "cleanlab, 5-fold out-of-fold MLP at 5 epochs a fold", "seconds": cleanlab.seconds,
+                       "cpu": cleanlab_cpu, "ap": lab.average_precision(cleanlab.score, flipped)})
+    started, cpu_started = time.perf_counter(), time.process_time()
+    _, trace = lab.train_plain(features, given, 10, epochs=10, seed=seed)
+    aum_seconds, aum_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    table_rows.append({"method": "AUM, one run of 10 epochs", "seconds": aum_seconds,
+                       "cpu": aum_cpu, "ap": lab.average_precision(lab.aum_score(trace, 10), flipped)})
+    for row in table_rows:
+        row["rows"] = rows
+        row["ratio"] = float(row["seconds"]) / cleanlab.seconds  # type: ignore[arg-type]
+        row["cpu_ratio"] = float(row["cpu"]) / cleanlab_cpu  # type: ignore[arg-type]
+    return table_rows
+
+
+def price_main(args: argparse.Namespace) -> None:
+    rows_out = []
+    for rows in args.price:
+        rows_out += price(rows, args.seed, args.epochs)
+    # On a loaded machine the wall time swings with the other jobs; with one thread the
+    # process's CPU time is the work itself, so its ratio is the one to read there.
+    print("| rows | method | wall s | x 5-fold cleanlab (wall) | CPU s | x 5-fold cleanlab (CPU) "
+          "| AP of the score for the flipped labels |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows_out:
+        print(f"| {row['rows']:,} | {row['method']} | {row['seconds']:.1f} | {row['ratio']:.2f} | {row['cpu']:.1f} "
+              f"| {row['cpu_ratio']:.2f} | {row['ap']:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--price", type=int, nargs="+", default=None,
+                        help="Instead: audit vs 5-fold cleanlab vs AUM on digits784 tables of these row counts.")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every method (--price).")
+    parser.add_argument("--epochs", type=int, nargs="*", default=[], help="Extra audit budgets (--price).")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--dense-baseline", type=int, default=100_000,
                         help="Also time the dense store (forced) at this size (0: skip).")
     args = parser.parse_args()
+    if args.price:
+        torch.set_num_threads(args.threads)
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}, "
           f"minnorm-audit {__version__}")
+    if args.price:
+        print("measured while other jobs ran (2 shared cores)\n")
+        price_main(args)
+        return
     print(f"model: MLP {FEATURES} -> {HIDDEN} -> classes, batch {BATCH}, Adam; budget "
           f"{DEFAULT_MEMORY_BUDGET_BYTES / 1e9:g} GB for all per-example state; one run per row\n")
 

@@ -1,6 +1,6 @@
 """Scoring a large run block by block gives the audit that full arrays give.
 
-Above ``training.fit.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
+Above ``training.loop.DENSE_RESULT_ELEMENTS`` examples x classes, fit() keeps no full per-class
 arrays and the audit reads the trained state in blocks of about
 ``score_run.SCORE_BLOCK_ELEMENTS`` examples x classes. Here both limits are lowered so that a small run takes that path, and its
 examples table must equal the one scored from full arrays.
@@ -19,7 +19,7 @@ from minnorm_audit import score_run
 
 # The modules, not the audit() and fit() functions exported under the same names.
 audit_module = importlib.import_module("minnorm_audit.audit")
-fit_module = importlib.import_module("minnorm_audit.training.fit")
+from minnorm_audit.training import loop as fit_module
 
 
 def flipped_digits(count: int = 600, flips: int = 60):

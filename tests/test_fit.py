@@ -112,7 +112,7 @@ def test_channels_last_training_matches_the_default_layout(monkeypatch):
     import importlib
 
     setup = importlib.import_module("minnorm_audit.training.setup")
-    fit_module = importlib.import_module("minnorm_audit.training.fit")
+    from minnorm_audit.training import loop as fit_module
     images, _, noisy, _ = flipped_digits(0.1, seed=1)
     images = (images[:400] / 16.0).reshape(-1, 1, 8, 8)
     labels = torch.tensor(noisy[:400])

@@ -621,7 +621,7 @@ def test_deferred_queue_is_applied_before_any_read_and_a_repeat_is_refused():
         step(torch.arange(4, 8))
         optimizer.max_multiplier = 0.25  # queued steps keep the bound they were taken under
         assert not optimizer._queued
-    with pytest.raises(RuntimeError, match="appeared twice within one window"):
+    with pytest.raises(RuntimeError, match="appeared twice within one deferred_dual_updates"):
         with optimizer.deferred_dual_updates(window_examples=100):
             step(torch.arange(0, 4))
             step(torch.arange(2, 6))

@@ -308,7 +308,7 @@ def test_missing_vector_cell_sets_the_row_aside(tmp_path: Path) -> None:
 
 def interrupt_after(monkeypatch: pytest.MonkeyPatch, epochs: int) -> None:
     """Ctrl-C during epoch ``epochs + 1`` of the next run (the checkpoint holds ``epochs``)."""
-    fit_module = importlib.import_module("minnorm_audit.training.fit")
+    from minnorm_audit.training import loop as fit_module
     real = fit_module.train_one_epoch
     calls = {"count": 0}
 

@@ -1,21 +1,25 @@
 """Minnorm training (Bansal et al. 2018): one Lagrange multiplier per example and constraint.
 
-Modules (imports run one way: optimizer -> dual, readout, constraints, planner ->
-stores, norm, stats -> common):
+Modules (imports run one way: optimizer -> dual, readout, constraints, weights, planner,
+eager -> stores, norm, stats -> common). One class orchestrates; the math is pure
+functions beside it:
 
-- ``optimizer``: :class:`Minnorm`, the ``torch.optim.Optimizer`` wrapper: construction,
-  the Lagrangian, the weight step, the running mean, ``state_dict``/``load_state_dict``.
-- ``dual``: projected dual ascent, :class:`PendingDualUpdate`, the deferred window
-  (Minnorm's dual-side methods, as a mixin).
-- ``readout``: Minnorm's read methods: multipliers, mean violations, scores, suggested
-  labels, diagnostics (a mixin).
+- ``optimizer``: :class:`Minnorm`, the ``torch.optim.Optimizer`` wrapper and the one
+  class here: construction, the Lagrangian, the eager step and the capturable
+  :meth:`Minnorm.static_step`, the deferred window, the running mean, the reads
+  (multipliers, scores, diagnostics), ``state_dict``/``load_state_dict``.
+- ``dual``: the projected dual ascent of a batch (:func:`dual_step`), the record of a
+  forward pass (:class:`PendingDualUpdate`) and merging a window of them.
 - ``constraints``: the margin and equality forms: constraint values, effective
   multipliers, the batch's constraint term as a linear form in the outputs.
+- ``readout``: mean violations, difficulty on the device, relative change, share at the cap.
+- ``weights``: the base optimizer's step in plain tensor operations, for traced steps.
 - ``planner``: the memory planner: :func:`state_bytes`, :func:`choose_store`, building
   the store.
 - ``stores``: :class:`DenseMultiplierStore` and :class:`CompactMultiplierStore`.
 - ``norm``: which parameters are in the norm term (:func:`default_norm_parameters`), its
   value and gradient.
+- ``eager``: torch optimizers that import no ``torch._dynamo`` until something compiles.
 - ``stats``: :func:`spearman` and :func:`relative_error`.
 - ``common``: ``ConstraintForm``, :class:`StateMismatchError`, ``VIOLATION_FLOOR``.
 

@@ -26,3 +26,12 @@ VIOLATION_FLOOR = -5.0
 def _as_dtype(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor.to(dtype)`` without the dispatch when it is already ``dtype``."""
     return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def clamp_to_box_(values: torch.Tensor, cap: float | torch.Tensor | None) -> torch.Tensor:
+    """``values`` clipped to ``[0, cap]`` in place (``cap`` None: ``[0, inf)``). A 0-dim
+    tensor ``cap`` (a captured step's) goes through the tensor overload: the scalar one
+    would read it back to the host."""
+    if isinstance(cap, torch.Tensor):
+        return values.clamp_min_(0.0).clamp_max_(cap.to(values.dtype))
+    return values.clamp_(min=0.0, max=cap)

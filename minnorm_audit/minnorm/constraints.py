@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import ConstraintForm, _as_dtype
+from .common import ConstraintForm, _as_dtype, clamp_to_box_
 
 
 def promoted_outputs(outputs: torch.Tensor, num_outputs: int) -> torch.Tensor:
@@ -38,17 +38,19 @@ def promoted_outputs(outputs: torch.Tensor, num_outputs: int) -> torch.Tensor:
     return outputs
 
 
-def margin_values(outputs: torch.Tensor, labels: torch.Tensor, *, num_outputs: int, margin: float) -> torch.Tensor:
+def margin_values(
+    outputs: torch.Tensor, labels: torch.Tensor, *, num_outputs: int, margin: float, check_labels: bool = True
+) -> torch.Tensor:
     """``g`` of the margin form (binary when ``num_outputs == 1``); own-label column 0.
 
     Binary form: labels other than 0 and 1 raise ``ValueError`` here when they are on
     the CPU (the check costs no device sync there). On another device checking each
     batch would stall the host once per step, so :class:`~.optimizer.Minnorm` checks the
     labels it recorded instead, at its per-epoch reads (``diagnostics()``,
-    ``state_dict()``, the scores).
+    ``state_dict()``, the scores); so does a captured step (``check_labels=False``).
     """
     if num_outputs == 1:
-        if labels.device.type == "cpu" and bool(((labels != 0) & (labels != 1)).any()):
+        if check_labels and labels.device.type == "cpu" and bool(((labels != 0) & (labels != 1)).any()):
             raise ValueError("the binary (single-output) margin form needs labels 0 or 1")
         signs = labels.to(outputs.dtype).mul(2).sub(1).unsqueeze(1)
         return signs * outputs - margin
@@ -86,7 +88,7 @@ def effective_multipliers(
     form: ConstraintForm,
     num_outputs: int,
     damping: float,
-    max_multiplier: float | None = None,
+    max_multiplier: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Augmented-Lagrangian multipliers used in the weight step: margin form
     ``clip(lambda - damping * g, 0, max_multiplier)`` (the soft-margin box applies here
@@ -94,7 +96,7 @@ def effective_multipliers(
     if form == "equality":
         return multipliers + damping * constraint_values
     # The arithmetic of lagrangian(): one add with alpha, then the box.
-    effective = torch.add(multipliers, constraint_values, alpha=-damping).clamp_(min=0.0, max=max_multiplier)
+    effective = clamp_to_box_(torch.add(multipliers, constraint_values, alpha=-damping), max_multiplier)
     return effective * competing_mask(labels, num_outputs)
 
 
@@ -122,7 +124,9 @@ def linear_term(
     margin: float,
     damping: float,
     device: torch.device,
-    max_multiplier: float | None = None,
+    max_multiplier: float | torch.Tensor | None = None,
+    row_mask: torch.Tensor | None = None,
+    check_labels: bool = True,
 ) -> LinearTerm:
     """The constraint term of :meth:`.optimizer.Minnorm.lagrangian` for the promoted,
     detached ``outputs`` and the batch's ``multipliers``.
@@ -132,6 +136,10 @@ def linear_term(
     autograd: the gradient reaching the network is the one autograd gives for
     ``-sum lambda_eff * g`` (bit for bit: ``-lambda_eff`` on competing columns, the row
     sum on the own-label column).
+
+    ``max_multiplier`` may be a 0-dim tensor (a captured step's cap). ``row_mask``,
+    ``(batch, 1)`` bool: rows where it is False (padding) get zero effective
+    multipliers, so they add nothing to the term or its gradient.
     """
     # Worked in the wider of the two dtypes. Every tensor here is detached: no graph
     # is built.
@@ -146,6 +154,8 @@ def linear_term(
         constraint_values = target_values - detached
         effective = _as_dtype(constraint_values * damping, work_dtype)
         torch.add(_as_dtype(multipliers, work_dtype), effective, out=effective)
+        if row_mask is not None:
+            effective = effective * row_mask
         coefficients = effective.neg()  # d(sum mu_eff . (t - f)) / d f
         constant = (effective * target_values).sum()
         constant_scale = 1.0
@@ -155,11 +165,15 @@ def linear_term(
             labels = labels.to(device, torch.long)
         if labels.ndim != 1:
             labels = labels.reshape(-1)
-        constraint_values = margin_values(detached, labels, num_outputs=num_outputs, margin=margin)
+        constraint_values = margin_values(
+            detached, labels, num_outputs=num_outputs, margin=margin, check_labels=check_labels
+        )
         # lambda - damping * g in one pass (promoted to the wider dtype), then the box
         # [0, C]: without the upper bound the weight step pushes a capped example with
         # up to C + damping * |g|, and the fixed point is not the soft-margin problem's.
-        effective = torch.add(multipliers, constraint_values, alpha=-damping).clamp_(min=0.0, max=max_multiplier)
+        effective = clamp_to_box_(torch.add(multipliers, constraint_values, alpha=-damping), max_multiplier)
+        if row_mask is not None:
+            effective = effective * row_mask
         if num_outputs == 1:
             # -sum lambda_eff (s f - m): d/df = -lambda_eff * s.
             signs = labels.unsqueeze(1).to(work_dtype).mul_(2).sub_(1)

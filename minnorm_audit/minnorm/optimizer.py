@@ -34,30 +34,41 @@ scaled by ``batch_size / num_examples`` so that one epoch sees it once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from . import constraints, norm
-from .common import ConstraintForm, StateMismatchError, _as_dtype
-from .dual import DualAscentMixin, PendingDualUpdate
-from .eager import EagerOptimizerMixin
+from . import constraints, norm, readout
+from .common import VIOLATION_FLOOR, ConstraintForm, StateMismatchError, _as_dtype
+from .dual import DEFERRED_WINDOW_EXAMPLES, PendingDualUpdate, dual_step, merge_window, window_full
+from .eager import dynamo_loaded, undecorated
 from .planner import DEFAULT_MEMORY_BUDGET_BYTES, StoreChoice, build_store
-from .readout import ReadoutMixin
+from .stats import spearman_tensors
 from .stores import CompactMultiplierStore, MultiplierStore, _describe_store
+from .weights import functional_weight_step
 
 
-class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Optimizer):
+class Minnorm(torch.optim.Optimizer):
     """Minnorm training around any ``torch.optim.Optimizer``.
 
     The wrapper shares ``param_groups`` and ``state`` with ``base_optimizer`` so LR
-    schedulers and ``isinstance(opt, Optimizer)`` checks keep working. The dual step and
-    the deferred window are :class:`~.dual.DualAscentMixin`'s methods, the read methods
-    (multipliers, scores, diagnostics) :class:`~.readout.ReadoutMixin`'s. Building it
-    and stepping it import no ``torch._dynamo`` (:mod:`.eager`) when the base optimizer
-    is one of :mod:`.eager`'s (``training.fit`` builds those).
+    schedulers and ``isinstance(opt, Optimizer)`` checks keep working. The class holds
+    the state and orchestrates; the math is pure functions beside it: the constraint
+    forms (:mod:`.constraints`), the projected dual step (:mod:`.dual`), the norm term
+    (:mod:`.norm`), the readout of scores and diagnostics (:mod:`.readout`) and the
+    traced weight step (:mod:`.weights`). Building it and stepping it import no
+    ``torch._dynamo`` (:mod:`.eager`) when the base optimizer is one of :mod:`.eager`'s
+    (``training.fit`` builds those).
+
+    Two ways to step. The eager one, ``lagrangian(); backward(); step()``, inside
+    :meth:`deferred_dual_updates` on a CPU. The capturable one, :meth:`static_step`: the
+    whole step as one function of fixed-shape tensors with no host synchronisation,
+    which ``training.fit`` captures in a CUDA graph on a GPU and ``torch.compile`` can
+    trace with ``fullgraph=True``.
 
     Parameters
     ----------
@@ -158,6 +169,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         super().__init__(all_parameters, dict(base_optimizer.defaults))
         self.param_groups = base_optimizer.param_groups
         self.state = base_optimizer.state
+        self.trainable_parameters = all_parameters  # what static_step zeroes the gradients of
 
         if norm_parameters is not None:
             self.norm_parameters = list(norm_parameters)
@@ -192,7 +204,13 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         self._queued: list[PendingDualUpdate] = []
         self._queued_examples = 0
         self._window_examples: int | None = None
+        # Inside deferred_dual_updates(): the ids applied so far and their count.
+        self._block_seen: torch.Tensor | None = None
+        self._block_examples = 0
         self._max_multiplier: float | None = None
+        # The same cap as a tensor for static_step (inf: none); a captured graph reads
+        # it where it lies, so a new cap needs no new graph.
+        self.cap_tensor = torch.full((), float("inf"), device=device, dtype=multiplier_dtype)
         self._previous_scores: torch.Tensor | None = None  # diagnostics' difficulty, on the device
         self.dual_steps = 0
         self.average_epochs = 0
@@ -214,6 +232,11 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
                 self.violation_sums = torch.zeros(num_examples, num_outputs, device=device, dtype=torch.float32)
 
     # ------------------------------------------------------------------ constraints
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Optimizer.__init__ calls it; torch's decorated one imports torch._dynamo (see .eager).
+        method = torch.optim.Optimizer.add_param_group
+        (method if dynamo_loaded() else undecorated(method))(self, param_group)
+
     @property
     def max_multiplier(self) -> float | None:
         """Upper bound ``C`` on every ``lambda_ij`` (None: hard margin)."""
@@ -224,6 +247,7 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         # Queued dual steps were taken under the bound in force then.
         self.flush_dual_updates()
         self._max_multiplier = None if value is None else float(value)
+        self.cap_tensor.fill_(float("inf") if value is None else float(value))
 
     @property
     def num_examples(self) -> int:
@@ -357,7 +381,238 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
+    # ------------------------------------------------------------------ capturable step
+    def static_step(
+        self,
+        model: nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        example_ids: torch.Tensor,
+        valid: torch.Tensor,
+    ) -> torch.Tensor:
+        """The whole Minnorm step on a fixed-shape batch, as one capturable function:
+        forward, the Lagrangian, backward, the norm term, the weight step, the dual
+        step and the per-example records (labels, latest violation, visits, violation
+        sums). Every shape is fixed by the batch size, the cap and the norm scale are
+        tensors, the gradients are zeroed in place and nothing is read back to the
+        host, so a CUDA graph can capture it and ``torch.compile(fullgraph=True)``
+        traces it whole. Its dual update is applied at once (no deferred window:
+        inside one graph there is no per-operation dispatch for a window to save).
+
+        Parameters
+        ----------
+        model : nn.Module
+            The network trained (run it under autocast from outside if wanted).
+        inputs : Tensor, shape (batch, ...)
+        targets : Tensor, shape (batch,) or (batch, num_outputs)
+            Class indices (margin form) or real targets (equality form), on the
+            multipliers' device.
+        example_ids : Tensor of int64, shape (batch,)
+            Distinct ids on the multipliers' device.
+        valid : Tensor of bool, shape (batch,)
+            False marks padding: rows of an epoch's last, short batch filled with
+            examples the epoch already visited (distinct from the batch's own). They
+            go through the network but get no gradient, no dual update and no visit;
+            their records are written back unchanged.
+
+        Returns
+        -------
+        Tensor
+            0-dim, detached: the batch's constraint term of the Lagrangian.
+
+        Notes
+        -----
+        Needs the base optimizer's state (one eager :meth:`step` first: a warm-up).
+        Outside a trace the weight step is the base optimizer's own; inside
+        ``torch.compile`` it is :func:`~.weights.functional_weight_step` (torch's step
+        breaks graphs on purpose). It changes no Python value (a trace would
+        specialise on it and recompile every step): the caller counts the step with
+        :meth:`count_static_step`.
+        """
+        if self._pending or self._queued or self._window_examples is not None:
+            raise RuntimeError("static_step() cannot run inside deferred_dual_updates() or after lagrangian()")
+        # A list of its own, not read through param_groups: dynamo treats optimizers'
+        # param_groups specially and then loses gradients written by a traced backward.
+        parameters = [p for p in self.trainable_parameters if p.requires_grad]
+        for parameter in parameters:
+            if parameter.grad is None:  # the first call only
+                parameter.grad = torch.zeros_like(parameter)
+        # In place, not set to None: the gradients keep their addresses for a graph.
+        if parameters:
+            torch._foreach_zero_([p.grad for p in parameters])  # type: ignore[misc]
+        outputs = constraints.promoted_outputs(model(inputs), self.num_outputs)
+        store = self.multipliers
+        multipliers = store.gather(example_ids)
+        keep = valid.unsqueeze(1)
+        term = constraints.linear_term(
+            outputs.detach(), targets, multipliers, form=self.form, num_outputs=self.num_outputs,
+            margin=self.margin, damping=self.damping, device=self.device, max_multiplier=self.cap_tensor,
+            row_mask=keep, check_labels=False,
+        )
+        value = torch.dot(outputs.reshape(-1), _as_dtype(term.coefficients, outputs.dtype).reshape(-1))
+        value = torch.add(value, _as_dtype(term.constant, outputs.dtype), alpha=term.constant_scale)
+        value.backward()
+        with torch.no_grad():
+            # The norm term's share: the batch's real examples over the dataset, a tensor.
+            scale = valid.sum().to(torch.float32) / self.num_examples
+            norm_parameters = [p for p in self.norm_parameters if p.requires_grad and p.grad is not None]
+            if norm_parameters:
+                torch._foreach_add_(
+                    [p.grad for p in norm_parameters], torch._foreach_mul(norm_parameters, scale)  # type: ignore[misc]
+                )
+            if torch.compiler.is_compiling():
+                functional_weight_step(self.base_optimizer)
+            else:
+                self.base_optimizer.step()
+            self._static_dual_update(example_ids, term, multipliers, valid)
+        return value.detach()
+
+    def count_static_step(self) -> None:
+        """Bump the Python counters a :meth:`static_step` leaves alone: ``dual_steps``
+        and the store's version (a batch read before it is stale after it)."""
+        self.dual_steps += 1
+        self.multipliers.version += 1
+
+    def _static_dual_update(
+        self, ids: torch.Tensor, term: constraints.LinearTerm, current: torch.Tensor, valid: torch.Tensor
+    ) -> None:
+        """:meth:`apply_dual_updates` for one padded batch: padding rows write back what
+        they read (their ids are distinct from the real rows', so no write collides)."""
+        keep = valid.unsqueeze(1)
+        updated, violation, increment = dual_step(
+            current, term.constraint_values, term.labels, form=self.form, dual_lr=self.dual_lr,
+            max_multiplier=self.cap_tensor, num_outputs=self.num_outputs, track_violations=self.visits is not None,
+        )
+        updated = torch.where(keep, updated, current.to(updated.dtype))
+        if increment is not None:
+            increment = torch.where(keep, increment, torch.zeros_like(increment))
+        if term.labels is not None:
+            self.labels.index_copy_(0, ids, torch.where(valid, term.labels, self.labels.index_select(0, ids)))
+        if self.visits is not None:
+            self.visits.index_add_(0, ids, valid.to(self.visits.dtype))
+            if self.violation_sums is not None:
+                self.violation_sums.index_add_(0, ids, increment)  # type: ignore[arg-type]
+        # write, not scatter: no Python counter changes inside a traced or captured step.
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            self.multipliers.write(ids, updated, increment)
+        else:
+            self.multipliers.write(ids, updated)
+        violation = _as_dtype(violation, self.last_violation.dtype)
+        self.last_violation.index_copy_(0, ids, torch.where(valid, violation, self.last_violation.index_select(0, ids)))
+
     # ------------------------------------------------------------------ running mean
+    # ------------------------------------------------------------------ dual side
+    def apply_dual_updates(self, pending: list[PendingDualUpdate]) -> None:
+        """Projected dual ascent for recorded constraint values (all ranks call it
+        with the same merged list in distributed training)."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.apply_dual_updates(pending)
+        store = self.multipliers
+        for update in pending:
+            ids = update.example_ids
+            if update.multipliers is not None and update.store_version == store.version:
+                current = update.multipliers  # read by lagrangian(); nothing changed since
+            else:
+                current = store.gather(ids)
+            updated, violation, increment = dual_step(
+                current, update.constraint_values, update.labels, form=self.form, dual_lr=self.dual_lr,
+                max_multiplier=self._max_multiplier, num_outputs=self.num_outputs,
+                track_violations=self.visits is not None,
+            )
+            if self.form != "equality":
+                self.labels.index_copy_(0, ids, update.labels)
+            if self.visits is not None:
+                self.visits.index_add_(0, ids, self._visit_ones(ids.numel()))
+                if self.violation_sums is not None:
+                    self.violation_sums.index_add_(0, ids, increment)
+            if isinstance(store, CompactMultiplierStore):
+                store.scatter(ids, updated, increment)
+            else:
+                store.scatter(ids, updated)
+            self.last_violation.index_copy_(0, ids, _as_dtype(violation, self.last_violation.dtype))
+
+    @contextlib.contextmanager
+    def deferred_dual_updates(self, window_examples: int = DEFERRED_WINDOW_EXAMPLES) -> Iterator[None]:
+        """Within the block, :meth:`step` queues its dual update and the queue is applied
+        in one pass once it holds ``window_examples`` examples (or
+        ``DEFERRED_WINDOW_ELEMENTS`` examples x outputs), and when the block ends.
+
+        The weight steps are unchanged, and the multipliers come out bit for bit as if
+        every step had applied its own update, provided no example id appears twice
+        within a window: a queued example is not read again before its update lands.
+        Use it around one pass over a permutation of the data (one epoch), as
+        ``training.fit`` does. An id queued twice within the block raises
+        ``RuntimeError`` when the block ends (checked there, once: a check per window
+        would stall a GPU's queue every few steps). Reading results
+        (:meth:`diagnostics`, scores, :meth:`state_dict`, ...) applies the queue first.
+
+        Why: on a CPU a dual update costs mostly the dispatch of a dozen small tensor
+        operations; one pass per window makes it a small share of a training step.
+        """
+        if window_examples < 1:
+            raise ValueError(f"window_examples must be >= 1, got {window_examples}")
+        if self._window_examples is not None:
+            raise RuntimeError("deferred_dual_updates() blocks cannot be nested")
+        self._window_examples = int(window_examples)
+        self._block_seen = torch.zeros(self.num_examples, dtype=torch.bool, device=self.device)
+        self._block_examples = 0
+        completed = False
+        try:
+            yield
+            completed = True
+        finally:
+            self.flush_dual_updates()
+            self._window_examples = None
+            seen, self._block_seen = self._block_seen, None
+            if completed and seen is not None and int(seen.sum()) != self._block_examples:
+                raise RuntimeError(
+                    "an example id appeared twice within one deferred_dual_updates() block: its multipliers "
+                    "were read before its previous update was applied; defer only over batches of distinct "
+                    "examples (one pass over a permutation)"
+                )
+
+    def flush_dual_updates(self) -> None:
+        """Apply the queued dual updates of :meth:`deferred_dual_updates` (no-op when none)."""
+        if not self._queued:
+            return
+        queued, self._queued, self._queued_examples = self._queued, [], 0
+        merged = merge_window(queued, self.multipliers.version)
+        if self._block_seen is not None:  # for the repeat check at the block's end
+            self._block_seen.index_fill_(0, merged.example_ids, True)
+            self._block_examples += int(merged.example_ids.numel())
+        self.apply_dual_updates([merged])
+
+    def _visit_ones(self, count: int) -> torch.Tensor:
+        """A cached ``(count,)`` int32 tensor of ones for the visit counter."""
+        ones = self._ones
+        if ones is None or ones.numel() < count:
+            ones = self._ones = torch.ones(max(count, 1024), dtype=torch.int32, device=self.device)
+        return ones[:count]
+
+    def take_pending(self) -> list[PendingDualUpdate]:
+        """Hand over (and clear) the constraint values recorded since the last step."""
+        pending, self._pending = self._pending, []
+        self._pending_batch_size = 0
+        return pending
+
+    def restore_pending(self, pending: list[PendingDualUpdate]) -> None:
+        """Hand back recorded updates (e.g. merged across ranks) for the next :meth:`step`,
+        which scales the norm term by their example count and applies them."""
+        self._pending = list(pending)
+        self._pending_batch_size = sum(int(update.example_ids.numel()) for update in pending)
+
+    def _apply_or_queue_pending(self) -> None:
+        """After a weight step: apply the step's updates, or queue them inside
+        :meth:`deferred_dual_updates` and apply the queue once its window is full."""
+        if self._window_examples is None:
+            self.apply_dual_updates(self.take_pending())
+        else:
+            self._queued_examples += self._pending_batch_size
+            self._queued.extend(self.take_pending())
+            if window_full(self._queued_examples, self._window_examples, self.num_outputs):
+                self.flush_dual_updates()
+
     def accumulate_average(self) -> None:
         """Fold the current multipliers into their running mean over epochs (call once
         per epoch; the mean is the "average" score state of ``training.fit``)."""
@@ -366,6 +621,187 @@ class Minnorm(DualAscentMixin, ReadoutMixin, EagerOptimizerMixin, torch.optim.Op
         with torch.no_grad():
             self.multipliers.accumulate_average(count / (count + 1), 1 / (count + 1))
         self.average_epochs = count + 1
+
+    # ------------------------------------------------------------------ readout
+    def dense_multipliers(self) -> torch.Tensor:
+        """The multipliers as an ``(num_examples, num_outputs)`` tensor (a new tensor of
+        that full size for the compact store)."""
+        self.flush_dual_updates()
+        return self.multipliers.dense()
+
+    def dense_average_multipliers(self) -> torch.Tensor:
+        """The running mean over epochs (:meth:`accumulate_average`), ``(num_examples, num_outputs)``."""
+        self.flush_dual_updates()
+        return self.multipliers.dense_average()
+
+    def mean_violations(self) -> torch.Tensor:
+        """Mean over each example's visits of ``-g`` per class: the dual ascent before
+        the projection onto ``[0, max_multiplier]``, per step of ``dual_lr``.
+
+        Returns
+        -------
+        Tensor, float32, shape (num_examples, num_outputs), on the multipliers' device
+            Margin form: each visit's ``-g_ij`` floored at ``VIOLATION_FLOOR`` (units of
+            the outputs, like the margin). With ``K >= 2`` outputs the own-label column
+            reads ``VIOLATION_FLOOR`` ("never a competing class"), and so does every
+            column of an example not visited yet, in both stores (the compact store's
+            classes without a slot read it too). Binary single output: the one column
+            is the competing class (0 before the first visit). Equality form: the mean
+            of the signed ``g = t - f``, unfloored (0 before the first visit).
+
+        Raises
+        ------
+        RuntimeError
+            Without ``track_violations=True``.
+        """
+        self.flush_dual_updates()
+        if self.visits is None:
+            raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            # Classes without a slot were never violated for long: the floor stands in.
+            return self.multipliers.dense_mean_violations(self.visits, VIOLATION_FLOOR)
+        return readout.mean_violation_rows(
+            self.violation_sums, self.visits, self.labels, form=self.form, start=0, stop=self.num_examples
+        )  # type: ignore[arg-type]
+
+    def state_rows(self, state: str, start: int, stop: int) -> torch.Tensor:
+        """Examples ``start:stop`` of one state, ``(rows, num_outputs)`` in float32:
+        ``"final"`` multipliers, their ``"average"`` over epochs, or the mean
+        ``"violation"`` (:meth:`mean_violations`). Reading a large dataset's scores a
+        block of rows at a time never builds the full examples x classes table."""
+        self.flush_dual_updates()
+        store = self.multipliers
+        if state in ("final", "average"):
+            return store.rows(start, stop, average=state == "average").float()
+        if state != "violation":
+            raise ValueError(f"unknown state {state!r}: use final, average or violation")
+        if self.visits is None:
+            raise RuntimeError("build Minnorm with track_violations=True to read mean violations")
+        if isinstance(store, CompactMultiplierStore):
+            return store.mean_violation_rows(self.visits, VIOLATION_FLOOR, start, stop)
+        assert self.violation_sums is not None
+        return readout.mean_violation_rows(
+            self.violation_sums, self.visits, self.labels, form=self.form, start=start, stop=stop
+        )
+
+    def multipliers_finite(self) -> bool:
+        """True when no multiplier (nor its running mean) is NaN or inf."""
+        self.flush_dual_updates()
+        return self.multipliers.all_finite()
+
+    def state_nbytes(self) -> int:
+        """Bytes of per-example state held now: the store, violations, labels and the
+        previous scores."""
+        scores = 0 if self._previous_scores is None else self._previous_scores.numel() * self._previous_scores.element_size()
+        return (
+            self.multipliers.nbytes()
+            + self.last_violation.numel() * self.last_violation.element_size()
+            + self.labels.numel() * self.labels.element_size()
+            + scores
+            + sum(t.numel() * t.element_size() for t in (self.visits, self.violation_sums) if t is not None)
+        )
+
+    def check_recorded_labels(self) -> None:
+        """Binary (single-output) margin form: refuse labels other than 0 and 1 among
+        the labels recorded at the dual steps, whatever their device.
+
+        ``lagrangian()`` refuses such labels at once when they come on the CPU; on
+        another device a check per batch would stall the host once per step, so this
+        one pass over the recorded labels runs at the per-epoch reads instead
+        (:meth:`diagnostics`, :meth:`difficulty`, :meth:`suggested_labels`).
+
+        Raises
+        ------
+        ValueError
+            Naming the first offending example and its label.
+        """
+        self.flush_dual_updates()
+        if self.form != "margin" or self.num_outputs != 1:
+            return
+        labels = self.labels
+        # -1 marks "not visited yet"; a visited example has a finite last violation.
+        bad = (labels != 0) & (labels != 1) & ~torch.isnan(self.last_violation)
+        if bool(bad.any()):
+            example = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"the binary (single-output) margin form needs labels 0 or 1, but example {example} "
+                f"was trained with label {int(labels[example])}"
+            )
+
+    def difficulty(self) -> np.ndarray:
+        """Per-example difficulty (higher = more suspect), see :func:`..scoring.difficulty_scores`."""
+        self.check_recorded_labels()
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            # max over competing classes: the slots hold every nonzero multiplier.
+            return self.multipliers.row_max().detach().cpu().numpy().astype(np.float64)
+        from ..scoring import difficulty_scores
+
+        return difficulty_scores(self.dense_multipliers().detach().cpu().numpy(), form=self.form)
+
+    def suggested_labels(self) -> np.ndarray:
+        """The class the multipliers push each example toward (margin form)."""
+        self.check_recorded_labels()
+        if isinstance(self.multipliers, CompactMultiplierStore):
+            maxima, classes = self.multipliers.row_argmax()
+            return torch.where(maxima > 0, classes, self.labels).cpu().numpy()
+        from ..scoring import suggested_labels
+
+        return suggested_labels(
+            self.dense_multipliers().detach().cpu().numpy(), self.labels.cpu().numpy()
+        )
+
+    def diagnostics(self) -> dict[str, float]:
+        """Convergence figures since the previous call (call once per epoch).
+
+        Returns
+        -------
+        dict
+            ``max_violation``: largest constraint violation at each example's latest visit;
+            ``fraction_fitted``: share of examples with all constraints within
+            ``fitted_tolerance``; ``multiplier_change``: relative Frobenius change of the
+            multipliers since the previous call; ``rank_stability``: Spearman correlation
+            of the difficulty scores with those of the previous call;
+            ``norm``: ``R(W)``; ``max_multiplier``: the cap ``C`` in force (margin form;
+            NaN without a cap and in the equality form); ``fraction_at_cap``: share of
+            the visited examples whose largest multiplier is within ``1e-6`` (relative)
+            of ``C``, i.e. sits at the soft-margin box (NaN without a cap or before any
+            visit; a share near 1 from the second epoch on means ``C`` is so small
+            that the method is a plain hinge loss).
+
+        Raises
+        ------
+        ValueError
+            Binary form with recorded labels other than 0 and 1
+            (:meth:`check_recorded_labels`).
+        """
+        self.check_recorded_labels()
+        violation = self.last_violation
+        visited = ~torch.isnan(violation)
+        visited_count = int(visited.sum())
+        max_violation = float(violation[visited].max()) if visited_count else float("nan")
+        cap = self.max_multiplier if self.form == "margin" else None
+        max_multiplier = at_cap = float("nan")
+        if cap is not None:
+            max_multiplier = float(cap)
+            at_cap = readout.fraction_at_cap(self.multipliers, visited, visited_count, float(cap))
+        fraction_fitted = float((violation <= self.fitted_tolerance).float().mean())
+        multiplier_change = readout.relative_change(self.multipliers.change_since_snapshot())
+        # On the device: no examples x classes table comes to the host, one scalar does.
+        scores = readout.difficulty_tensor(self.multipliers, form=self.form)
+        rank_stability = (
+            float("nan") if self._previous_scores is None else spearman_tensors(scores, self._previous_scores)
+        )
+        self.multipliers.snapshot()
+        self._previous_scores = scores
+        return {
+            "max_violation": max_violation,
+            "fraction_fitted": fraction_fitted,
+            "multiplier_change": multiplier_change,
+            "rank_stability": rank_stability,
+            "norm": self.norm_value(),
+            "max_multiplier": max_multiplier,
+            "fraction_at_cap": at_cap,
+        }
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]

@@ -73,8 +73,13 @@ class DenseMultiplierStore:
         return self.values.index_select(0, example_ids)
 
     def scatter(self, example_ids: torch.Tensor, values: torch.Tensor) -> None:
-        self.values.index_copy_(0, example_ids, _as_dtype(values, self.values.dtype))
+        self.write(example_ids, values)
         self.version += 1
+
+    def write(self, example_ids: torch.Tensor, values: torch.Tensor) -> None:
+        """:meth:`scatter` without the version bump: tensor work only, for a traced or
+        captured step (whose caller bumps the version)."""
+        self.values.index_copy_(0, example_ids, _as_dtype(values, self.values.dtype))
 
     def dense(self) -> torch.Tensor:
         return self.values
@@ -239,6 +244,14 @@ class CompactMultiplierStore:
     ) -> None:
         """Keep the ``slots`` classes of largest ``max(values, running mean)`` per example;
         ``violation_increment`` (dense, per class) is added to the tracked violation sums."""
+        self.write(example_ids, values, violation_increment)
+        self.version += 1
+
+    def write(
+        self, example_ids: torch.Tensor, values: torch.Tensor, violation_increment: torch.Tensor | None = None
+    ) -> None:
+        """:meth:`scatter` without the version bump: tensor work only, for a traced or
+        captured step (whose caller bumps the version)."""
         values = values.to(self.values.dtype)
         classes = self.classes.index_select(0, example_ids)
         average = self._expand(classes, self.average.index_select(0, example_ids))
@@ -259,7 +272,6 @@ class CompactMultiplierStore:
         self.classes.index_copy_(0, example_ids, top_classes.masked_fill(empty, self.width).to(self.classes.dtype))
         self.values.index_copy_(0, example_ids, values.gather(1, top_classes).masked_fill_(empty, 0.0))
         self.average.index_copy_(0, example_ids, average.gather(1, top_classes).masked_fill_(empty, 0.0))
-        self.version += 1
 
     def dense_mean_violations(self, visits: torch.Tensor, missing: float) -> torch.Tensor:
         """``(num_examples, width)`` mean violations; classes without a slot get ``missing``."""

@@ -1,6 +1,7 @@
 """Minnorm training of a network on a loaded dataset: the "train" step of the data path.
 
-- ``fit.py``: :func:`fit` as its named steps (start_run, train_epochs, end_epoch, finish).
+- ``loop.py``: :func:`fit` as its named steps (start_run, train_epochs, end_epoch, finish)
+  and the epoch loop (eager, or the captured step on a GPU).
 - ``setup.py``: device, seeds, channels-last layout, the (fused) optimizers and Minnorm.
 - ``config.py``: :class:`TrainConfig`, :class:`FitResult`, the score states, the errors.
 - ``checkpoint.py``: the resume checkpoint (atomic write, weights-only load, restore).
@@ -9,8 +10,7 @@
 - ``models.py``: the default networks (MLP, plain CNN, torchvision) behind a standardizer.
 
 Imports run down the data path: this package uses ``data`` and ``minnorm``, which never
-import it. Note that ``minnorm_audit.training.fit`` is the function; the module is
-``importlib.import_module("minnorm_audit.training.fit")``.
+import it. ``minnorm_audit.training.fit`` is the function; its module is ``training.loop``.
 """
 
 from .checkpoint import atomic_torch_save, load_checkpoint, read_run_settings
@@ -25,7 +25,7 @@ from .config import (
     default_epochs,
 )
 from .distributed import DistributedContext, exit_rank_after, is_main_process, teardown
-from .fit import cap_multipliers, check_finite, fit, train_one_epoch
+from .loop import cap_multipliers, check_finite, fit, train_one_epoch
 from .models import Standardize, build_model, build_streamed_model
 from .predict import autocast_context, output_margins, predict, predicted_classes
 from .setup import resolve_device

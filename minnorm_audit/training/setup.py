@@ -78,7 +78,12 @@ def make_base_optimizer(name: str, parameters: list[nn.Parameter], lr: float) ->
     kernels where the parameters' device has them (the same update up to rounding)."""
     fused = bool(parameters) and all(
         p.device.type in FUSED_DEVICE_TYPES and p.is_floating_point() for p in parameters)
-    options = {"fused": True} if fused else {}
+    options: dict[str, bool] = {"fused": True} if fused else {}
+    # On CUDA Adam keeps its step count on the device, so fit()'s step can be captured
+    # in a CUDA graph (training/capture.py); the same update.
+    capturable = bool(parameters) and all(p.device.type == "cuda" for p in parameters)
+    if capturable and name in ("adam", "adamw"):
+        options["capturable"] = True
     if name == "adam":
         return eager.Adam(parameters, lr=lr, **options)
     if name == "adamw":

@@ -36,6 +36,7 @@ from torch import nn
 from ..data.placement import BatchSource, LazyImages, make_batch_source
 from ..minnorm import ConstraintForm, Minnorm
 from . import distributed
+from .capture import StaticStep, capture_wanted, padded_batches
 from .checkpoint import (
     atomic_torch_save,
     build_checkpoint,
@@ -79,6 +80,7 @@ class TrainingRun:
     targets: torch.Tensor
     optimizer: Minnorm
     batch_generator: torch.Generator
+    static_step: StaticStep | None = None  # the captured step on CUDA (capture.py), else None
     history: list[dict[str, float]] = field(default_factory=list)
     start_epoch: int = 0
     # The run's settings as plain values, stored in every checkpoint (see checkpoint.py).
@@ -198,12 +200,15 @@ def start_run(
         raise TrainingError(f"score_state must be one of {', '.join(SCORE_STATES)}, got {config.score_state!r}")
     batch_generator = torch.Generator(device="cpu")
     batch_generator.manual_seed(config.seed)
+    static_step = None
+    if capture_wanted(device, num_examples, config.batch_size, context.enabled):
+        static_step = StaticStep(training_model, optimizer, capture=True)
     return TrainingRun(
         config=config, form=form, num_examples=num_examples, num_outputs=num_outputs,
         dataset_fingerprint=dataset_fingerprint,
         checkpoint_path=checkpoint_path, context=context, device=device, model=model,
         training_model=training_model, source=source, targets=targets, optimizer=optimizer,
-        batch_generator=batch_generator, channels_last=channels_last,
+        batch_generator=batch_generator, channels_last=channels_last, static_step=static_step,
     )
 
 
@@ -258,7 +263,8 @@ def run_epoch(run: TrainingRun, epoch: int, bar: Any = None) -> None:
     """One epoch of training; Ctrl-C becomes :class:`TrainingInterrupted`."""
     try:
         train_one_epoch(run.training_model, run.optimizer, run.source, run.targets, run.config.batch_size,
-                        run.batch_generator, run.context, channels_last=run.channels_last)
+                        run.batch_generator, run.context, channels_last=run.channels_last,
+                        static_step=run.static_step)
     except KeyboardInterrupt:
         # Mid-epoch state is not resumable; the last finished epoch's is: on disk
         # already, or kept in memory since the last write and written now.
@@ -322,15 +328,27 @@ def train_one_epoch(
     context: distributed.DistributedContext | None = None,
     *,
     channels_last: bool = False,
+    static_step: StaticStep | None = None,
 ) -> None:
     """One pass over the data in random batches; every example is seen exactly once.
 
     The permutation is the same on every rank; each rank trains on its contiguous
     slice of every global batch (all of it in a single process). ``channels_last``:
-    image batches are handed to the model in NHWC memory layout.
+    image batches are handed to the model in NHWC memory layout. ``static_step``
+    (one process only): fixed-shape batches, the last one padded, through
+    ``Minnorm.static_step`` (captured in a CUDA graph on a GPU, see ``capture.py``);
+    else the eager step with deferred dual updates.
     """
     context = context or distributed.DistributedContext()
     order = torch.randperm(len(source), generator=batch_generator)
+    if static_step is not None and len(order) >= batch_size:
+        id_batches, valid_batches = padded_batches(order, batch_size)
+        for (batch_ids, batch_inputs), valid in zip(source.iterate(id_batches), valid_batches):
+            if channels_last:
+                batch_inputs = batch_inputs.contiguous(memory_format=torch.channels_last)
+            static_step(batch_inputs, targets.index_select(0, batch_ids), batch_ids,
+                        valid.to(batch_ids.device, non_blocking=True))
+        return
     global_batches = list(order.split(batch_size))
     local_batches = [distributed.rank_slice(batch, context) for batch in global_batches]
     # Every example once per epoch: the dual updates may be applied a window at a time.
