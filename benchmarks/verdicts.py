@@ -251,6 +251,13 @@ def undertrained(part: str, cache: Path | None) -> dict[str, Any]:
             "flagged mislabeled": float((examples["flag"] == "mislabeled").mean())}
 
 
+def markdown(frame: pd.DataFrame) -> str:
+    """A pipe table of ``frame`` (its cells already text)."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return "" if np.isnan(value) else f"{value:.3f}"
@@ -282,14 +289,14 @@ def main() -> None:
     table = pd.DataFrame(rows)
     flips = table.dropna(subset=["F1"]) if "F1" in table else table.iloc[:0]
     print(f"\n## {args.part} part: label flips\n")
-    print(flips[["cell", "train acc", "AP", "oracle F1", "P", "R", "F1", "cl F1", "flagged / flips", "flips->outlier",
-                 "suggested ok"]].map(fmt).to_markdown(index=False))
+    print(markdown(flips[["cell", "train acc", "AP", "oracle F1", "P", "R", "F1", "cl F1", "flagged / flips", "flips->outlier",
+                 "suggested ok"]].map(fmt)))
     print(f"\n## {args.part} part: clean rows, junk, blends\n")
     other = [c for c in table.columns if c in ("clean mis", "clean h+o") or "->" in c and c != "flips->outlier"]
-    print(table[["cell", "train acc"] + other].map(fmt).to_markdown(index=False))
+    print(markdown(table[["cell", "train acc"] + other].map(fmt)))
     if not args.cells:
         print(f"\n## {args.part} part: undertrained\n")
-        print(pd.DataFrame([undertrained(args.part, args.cache)]).map(fmt).to_markdown(index=False))
+        print(markdown(pd.DataFrame([undertrained(args.part, args.cache)]).map(fmt)))
 
 
 if __name__ == "__main__":

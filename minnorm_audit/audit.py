@@ -400,7 +400,8 @@ def audit_threads(model: torch.nn.Module, loaded: LoadedDataset, settings: Audit
     if not isinstance(example, torch.Tensor):  # streamed images: one decoded item
         example = torch.as_tensor(example)
     batch_size = settings.train.batch_size or default_batch_size(len(loaded.inputs))
-    step = batch_size * forward_multiply_adds(model, example.float())
+    # uint8 images as the network standardizes them; text ids stay integers.
+    step = batch_size * forward_multiply_adds(model, example.float() if example.dtype == torch.uint8 else example)
     return choose_threads(None, step)
 
 

@@ -214,7 +214,7 @@ def core_distances(
     reference_rows: int = REFERENCE_ROWS,
     seed: int = 0,
     block_elements: int = 1 << 22,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each row's mean chord distance to its ``neighbours`` nearest rows of the data's
     core: the rows of a reference sample most of whose own nearest neighbours carry
     their label (more than half of them), whatever that label is.
@@ -235,13 +235,16 @@ def core_distances(
     distance : ndarray of float64, shape (n_examples,)
     core : ndarray of bool, shape (n_examples,)
         The core rows (all in the reference sample).
+    agreeing : ndarray of bool, shape (n_examples,)
+        Whether most of the row's own nearest reference rows carry its label (what
+        makes a reference row a core row, for every row).
     """
     features = np.asarray(features)
     labels = np.asarray(labels, dtype=np.int64)
     count = features.shape[0]
     core = np.zeros(count, dtype=bool)
     if count < 2:
-        return np.zeros(count), core
+        return np.zeros(count), core, np.ones(count, dtype=bool)
     rng = np.random.default_rng(seed)
     present = np.unique(labels)
     quota = max(neighbours + 1, reference_rows // max(len(present), 1))
@@ -262,21 +265,23 @@ def core_distances(
 
     reference_unit = unit_rows(sample)
     k = max(1, min(neighbours, len(reference) - 1))
-    agreement = np.empty(len(reference))
+    # Every row's share of its k nearest reference rows (itself excluded) that carry its label.
+    agreement = np.empty(count)
     block_rows = max(1, block_elements // len(reference))
-    for start in range(0, len(reference), block_rows):
-        chord = np.sqrt(np.clip(2.0 - 2.0 * reference_unit[start:start + block_rows] @ reference_unit.T, 0.0, None))
-        chord[np.arange(chord.shape[0]), np.arange(start, start + chord.shape[0])] = np.inf
+    for start in range(0, count, block_rows):
+        rows = np.arange(start, min(count, start + block_rows))
+        chord = np.sqrt(np.clip(2.0 - 2.0 * unit_rows(features[rows]) @ reference_unit.T, 0.0, None))
+        chord[rows[:, None] == reference[None, :]] = np.inf
         nearest = np.argpartition(chord, k - 1, axis=1)[:, :k]
-        agreement[start:start + block_rows] = (labels[reference][nearest] == labels[reference[start:start + block_rows], None]).mean(1)
-    members = agreement > 0.5
+        agreement[rows] = (labels[reference][nearest] == labels[rows, None]).mean(1)
+    members = agreement[reference] > 0.5
     if members.sum() <= k:  # no class has neighbourhoods of its own: measure against every reference row
         members[:] = True
     core[reference[members]] = True
     distances = np.empty(count)
     nearest_mean_distances(features, np.arange(count), reference[members], reference_unit[members], unit_rows,
                            max(1, min(k, int(members.sum()) - 1)), block_elements, distances)
-    return distances, core
+    return distances, core, agreement > 0.5
 
 
 def calibrated_flags(
@@ -288,6 +293,7 @@ def calibrated_flags(
     suggested: np.ndarray,
     distance: np.ndarray | None = None,
     core: np.ndarray | None = None,
+    agreeing: np.ndarray | None = None,
     hard_z: float = HARD_Z,
     outlier_distance_z: float = OUTLIER_DISTANCE_Z,
     seed: int = 0,
@@ -306,8 +312,8 @@ def calibrated_flags(
     3. ``outlier`` (overrides both): far from the data's core (:func:`core_distances`):
        the distance at least ``outlier_distance_z`` robust spreads above the median
        distance of the core rows of its given class AND of its suggested class (a flip
-       sits among the core of its true class). It belongs to no class; its suggested
-       label means nothing.
+       sits among the core of its true class), and its own nearest rows mostly do not
+       carry its label. It belongs to no class; its suggested label means nothing.
 
     Parameters
     ----------
@@ -318,8 +324,11 @@ def calibrated_flags(
     class_count : int
     margin : float
         The constraints' margin (difficulty above it: another class preferred on average).
-    distance, core : ndarray, shape (n_examples,), optional
-        From :func:`core_distances`; without them nothing is called an outlier.
+    distance, core, agreeing : ndarray, shape (n_examples,), optional
+        From :func:`core_distances`; without the first two nothing is called an
+        outlier. A row whose own neighbours mostly share its label (``agreeing``) is
+        in a neighbourhood of its class, however far out: the tail of a small clean
+        class, not junk.
 
     Returns
     -------
@@ -362,6 +371,8 @@ def calibrated_flags(
         far_suggested = (distance - distance_medians[suggested]) / distance_scales[suggested]
         with np.errstate(invalid="ignore"):
             outlier = np.fmin(far_given, far_suggested) >= outlier_distance_z
+        if agreeing is not None:
+            outlier &= ~np.asarray(agreeing, dtype=bool)
         flags[outlier] = "outlier"
         rule.update(distance_medians=distance_medians, distance_scales=distance_scales)
     flagged = flags == "mislabeled"

@@ -68,7 +68,7 @@ def duplicate_features(loaded: LoadedDataset, result: FitResult | None, kind: st
     images by ``kind`` (``"pixels"``: pooled and normalized per image; ``"aligned"``:
     the same after moving each image to its moments' frame; ``"penultimate"``: the
     trained network's), tables by their standardized inputs."""
-    if loaded.kind == "images":
+    if loaded.kind == "images" and getattr(loaded.inputs, "ndim", 0) == 4:  # not a backbone's features
         kind = kind or IMAGE_FEATURES[0]
         if kind == "penultimate":
             if result is None or result.model is None:

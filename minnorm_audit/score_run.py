@@ -95,13 +95,14 @@ def score_classification(
         if result.final_outputs is None:
             raise ValueError("the fit result holds neither final_margins nor final_outputs")
         margins = output_margins(torch.from_numpy(result.final_outputs), torch.from_numpy(labels)).numpy()
-    distance = core = None
+    distance = core = agreeing = None
     if settings.train.score_state == "violation":  # the other states keep the Otsu rule, without outliers
         features = outlier_features(loaded.inputs, settings.train.seed)
         if features is not None:
-            distance, core = core_distances(features, labels, seed=settings.train.seed)
+            distance, core, agreeing = core_distances(features, labels, seed=settings.train.seed)
     flags, rule = classification_flags(scores, settings, labels=labels, class_count=len(loaded.class_names),
-                                       distance=distance, core=core, class_names=loaded.class_names)
+                                       distance=distance, core=core, agreeing=agreeing,
+                                       class_names=loaded.class_names)
     rule["inconclusive"] = audit_verdict(result, labels, margins, len(loaded.class_names))
     suggested = np.where(flags == "mislabeled", scores.competing, labels)
     names = np.asarray(loaded.class_names, dtype=object)
@@ -240,6 +241,7 @@ def classification_flags(
     class_count: int | None = None,
     distance: np.ndarray | None = None,
     core: np.ndarray | None = None,
+    agreeing: np.ndarray | None = None,
     class_names: list[str] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """mislabeled / hard / outlier / ok for every example, and the rule that decided.
@@ -255,7 +257,7 @@ def classification_flags(
     margin = settings.train.margin
     if settings.train.score_state == "violation" and not override and labels is not None and class_count is not None:
         flags, rule = calibrated_flags(scores.difficulty, labels, class_count, margin, suggested=scores.competing,
-                                       distance=distance, core=core, seed=settings.train.seed)
+                                       distance=distance, core=core, agreeing=agreeing, seed=settings.train.seed)
         return flags, describe_calibrated_rule(rule, margin, distance is not None, class_names)
     if settings.train.score_state != "violation":
         return flag_examples(
@@ -286,7 +288,10 @@ def classification_flags(
         far = np.fmin((distance - medians[labels]) / spreads[labels],
                       (distance - medians[scores.competing]) / spreads[scores.competing])
         with np.errstate(invalid="ignore"):
-            flags = np.where((far >= OUTLIER_DISTANCE_Z) & (flags != "ok"), "outlier", flags)
+            far_out = (far >= OUTLIER_DISTANCE_Z) & (flags != "ok")
+        if agreeing is not None:
+            far_out &= ~agreeing
+        flags = np.where(far_out, "outlier", flags)
         rule["outlier_distance_z"] = OUTLIER_DISTANCE_Z
         rule["rule"] += (f"; a flagged example is an outlier instead when its distance to the data's core is at "
                          f"least {OUTLIER_DISTANCE_Z:g} robust spreads above the median of the core rows of its "
@@ -317,7 +322,7 @@ def describe_calibrated_rule(
         text += (f"outlier (overrides both): mean distance to the {NEIGHBOURS} nearest rows of the data's core (the "
                  "rows whose nearest neighbours mostly share their label; standardized inputs, cosine geometry) at least "
                  f"{rule['outlier_distance_z']:g} robust spreads above the median distance of the core rows of its "
-                 "given class and of its suggested class. ")
+                 "given class and of its suggested class, and most of its own nearest rows carry other labels. ")
     else:
         text += "outlier: not checked. "
     text += "ok: everything else."

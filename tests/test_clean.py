@@ -262,7 +262,9 @@ def test_table_clean_writes_the_rows_and_reaudits(flipped_table, tmp_path):
     original_bytes = path.read_bytes()
     runner = CliRunner()
     run_dir = tmp_path / "run"
-    cli = ["--epochs", "8", "--lr", "0.01", "--device", "cpu", "--quiet"]
+    # The default budget: at 8 epochs and lr 0.01 on 90 rows the network had not yet
+    # separated two of the classes, and a few ambiguous rows outranked a flip.
+    cli = ["--device", "cpu", "--quiet"]
     assert runner.invoke(main, ["run", str(path), "--label-column", "kind", "--out", str(run_dir), *cli]).exit_code == 0
     examples = pd.read_parquet(run_dir / "examples.parquet")
     mislabeled = examples[examples["flag"] == "mislabeled"]

@@ -65,7 +65,7 @@ def test_run_on_image_folder_writes_outputs_and_leaves_data_untouched(image_fold
     examples = pd.read_parquet(out / "examples.parquet")
     assert len(examples) == 36
     assert {"source", "given_label", "suggested_label", "difficulty", "difficulty_percentile", "flag"} <= set(examples)
-    assert set(examples["flag"]) <= {"mislabeled", "hard", "ok"}
+    assert set(examples["flag"]) <= {"mislabeled", "hard", "outlier", "ok"}
     set_aside = pd.read_parquet(out / "set_aside.parquet")
     assert list(set_aside["source"]) == ["cat/broken.png"]
     assert (out / "report.html").exists() and (out / "checkpoint.pt").exists()

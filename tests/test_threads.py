@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import minnorm_audit
+from minnorm_audit.training import default_batch_size
 from minnorm_audit.cli import main
 from minnorm_audit.training import build_model
 from minnorm_audit.training.threads import (
@@ -98,7 +99,10 @@ def test_the_audit_records_its_threads_and_leaves_the_process_as_it_was(tmp_path
     result = minnorm_audit.audit(_table(), out=tmp_path / "chosen", epochs=2, device="cpu")
     config = result.summary["config"]
     assert (config["threads"], config["threads_source"], config["flush_denormal"]) == (1, "chosen", True)
-    assert config["step_multiply_adds"] == 128 * (6 * 512 + 512 * 512 + 512 * 3)
+    # One training step: the batch (default_batch_size of the table's rows) times the
+    # MLP's multiply-adds per example.
+    batch = default_batch_size(result.summary["num_examples"])
+    assert config["step_multiply_adds"] == batch * (6 * 512 + 512 * 512 + 512 * 3)
     assert torch.get_num_threads() == before
     assert torch.tensor(1e-40).item() != 0.0
     given = minnorm_audit.audit(_table(), out=tmp_path / "given", epochs=2, device="cpu", threads=2)

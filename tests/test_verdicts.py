@@ -289,7 +289,7 @@ def test_core_distances_against_a_brute_force_count():
     features[:, 4] *= 1e-3  # a nearly constant column: its spread is floored
     labels = np.repeat([0, 1, 2], 40)
     labels[::10] = (labels[::10] + 1) % 3  # 12 rows among another class's rows
-    got, core = core_distances(features, labels, neighbours=4, reference_rows=10_000, block_elements=64)
+    got, core, agreeing = core_distances(features, labels, neighbours=4, reference_rows=10_000, block_elements=64)
     std = features.std(0)
     std = np.maximum(std, 0.1 * np.median(std))
     unit = (features - features.mean(0)) / std
@@ -298,6 +298,7 @@ def test_core_distances_against_a_brute_force_count():
     np.fill_diagonal(chord, np.inf)  # the self-exclusion branch
     agreement = (labels[np.argsort(chord, axis=1)[:, :4]] == labels[:, None]).mean(1)
     np.testing.assert_array_equal(core, agreement > 0.5)
+    np.testing.assert_array_equal(agreeing, agreement > 0.5)
     assert not core[::10].any() and core.sum() >= 100
     to_core = chord[:, core]
     expected = np.sort(to_core, axis=1)[:, :4].mean(1)
@@ -315,11 +316,12 @@ def test_a_cluster_of_alike_junk_is_far_from_the_core_and_flagged_outlier():
     junk = rng.normal(size=20) * 3 + 0.01 * rng.normal(size=(30, 20))
     features = np.concatenate([data, junk])
     difficulty = np.concatenate([rng.normal(0.0, 0.3, 600), rng.normal(1.0, 0.3, 30)])
-    distance, core = core_distances(features, labels)
+    distance, core, agreeing = core_distances(features, labels)
     # Random labels among 4 classes agree with most of 10 neighbours by chance at most
     # now and then.
     assert core[600:].mean() <= 0.2
-    flags, _ = calibrated_flags(difficulty, labels, 4, 1.0, suggested=(labels + 1) % 4, distance=distance, core=core)
+    flags, _ = calibrated_flags(difficulty, labels, 4, 1.0, suggested=(labels + 1) % 4, distance=distance, core=core,
+                                agreeing=agreeing)
     assert (flags[600:] == "outlier").mean() >= 0.9
     # Rows between two classes are not core rows themselves, so a few sit farther from
     # the core than core rows do.

@@ -72,7 +72,7 @@ def predict(
     for batch_ids, batch_inputs in source.iterate(list(shard.split(max(batch_size, 512)))):
         # fp32 on every device: the margins decide fitted / inconclusive, and bf16
         # rounding (8 bits of mantissa) would move examples near 0 across it.
-        batch_outputs = model(batch_inputs.float() if batch_inputs.is_floating_point() else batch_inputs)
+        batch_outputs = model(batch_inputs)
         batch_outputs = batch_outputs.float().reshape(batch_outputs.shape[0], -1)
         if margins_for is not None:
             batch_labels = margins_for.index_select(0, batch_ids.to(margins_for.device))
