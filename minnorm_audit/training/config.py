@@ -61,8 +61,8 @@ CAP_QUANTILE = 0.9
 # The epoch budget (the stopping rule: dual time = dual_lr x epochs), chosen on the
 # TUNING part only (benchmarks/flag_rules.py and highdim.py, since replaced by
 # verdicts.py; seed 0). The MLP at 10 epochs instead of 20: tuning tables mean AP
-# 0.9927 vs 0.9940, 784-feature proxies 0.946 vs 0.941 (flag F1 0.819 vs 0.742: a wide MLP memorizes flips later in
-# training), half the time; but on 300-500-row subsets of the tuning tables (3-4 steps
+# 0.9927 vs 0.9940, 784-feature proxies 0.946 vs 0.941 (flag F1 0.819 vs 0.742: a
+# wide MLP memorizes flips later in training), half the time; but on 300-500-row subsets of the tuning tables (3-4 steps
 # an epoch) flag F1 0.844 vs 0.883, so the MLP keeps 20 epochs when 10 would be fewer
 # than MLP_MIN_STEPS optimizer steps. Image networks keep 20: the default CNN on the
 # bundled digits at 10 epochs caught 78% of the demo's flips instead of 94%.
