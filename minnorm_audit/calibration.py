@@ -23,6 +23,12 @@ HARD_Z = 2.5
 OUTLIER_DISTANCE_Z = 2.5
 # A class needs this many examples for the mixture that counts its errors.
 MIN_MIXTURE_EXAMPLES = 10
+# The fallback (a class without an error group) flags only where two groups fit the
+# class's difficulties better than one by at least this much BIC: "strong" evidence on
+# Kass & Raftery's scale (1995, J. Am. Stat. Assoc. 90:773; a BIC difference of 6,
+# posterior odds of about 20:1). Below it one group explains the class, so its
+# contradicted examples are the tail of the class (classes that overlap), not errors.
+MIN_FALLBACK_BIC_EVIDENCE = 6.0
 # A class needs this many examples for its own median and spread; smaller classes
 # are measured against all examples.
 MIN_CLASS_EXAMPLES = 5
@@ -69,18 +75,25 @@ def per_class_location_scale(
     return medians, scales
 
 
+def embedded_distances(block: np.ndarray, reference: np.ndarray, reference_squares: np.ndarray) -> np.ndarray:
+    """Euclidean distances ``(len(block), len(reference))`` between embedded rows (for
+    unit rows, the chord of the angle between them)."""
+    squares = (block * block).sum(1)
+    return np.sqrt(np.clip(squares[:, None] + reference_squares[None, :] - 2.0 * block @ reference.T, 0.0, None))
+
+
 def nearest_mean_distances(
-    features: np.ndarray, rows: np.ndarray, reference: np.ndarray, reference_unit: np.ndarray,
-    unit_rows: Any, k: int, block_elements: int, out: np.ndarray,
+    features: np.ndarray, rows: np.ndarray, reference: np.ndarray, reference_embedded: np.ndarray,
+    embed: Any, k: int, block_elements: int, out: np.ndarray,
 ) -> None:
-    """``out[rows]`` = each row's mean chord distance to its ``k`` nearest rows among
-    ``reference`` (indices into ``features``; ``reference_unit`` their unit vectors), a
-    row never its own neighbour; NaN for a row with no other reference row."""
+    """``out[rows]`` = each row's mean distance to its ``k`` nearest rows among
+    ``reference`` (indices into ``features``; ``reference_embedded`` those rows through
+    ``embed``), a row never its own neighbour; NaN for a row with no other reference row."""
     block_rows = max(1, block_elements // len(reference))
+    reference_squares = (reference_embedded * reference_embedded).sum(1)
     for start in range(0, len(rows), block_rows):
         block = rows[start:start + block_rows]
-        cosine = unit_rows(features[block]) @ reference_unit.T
-        chord = np.sqrt(np.clip(2.0 - 2.0 * cosine, 0.0, None))
+        chord = embedded_distances(embed(features[block]), reference_embedded, reference_squares)
         # A reference row is not its own neighbour.
         chord[block[:, None] == reference[None, :]] = np.inf
         keep = min(k, len(reference))
@@ -212,12 +225,13 @@ def core_distances(
     *,
     neighbours: int = NEIGHBOURS,
     reference_rows: int = REFERENCE_ROWS,
+    geometry: str = "cosine",
     seed: int = 0,
     block_elements: int = 1 << 22,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each row's mean chord distance to its ``neighbours`` nearest rows of the data's
-    core: the rows of a reference sample most of whose own nearest neighbours carry
-    their label (more than half of them), whatever that label is.
+    """Each row's mean distance to its ``neighbours`` nearest rows of the data's core:
+    the rows of a reference sample most of whose own nearest neighbours carry their
+    label (more than half of them), whatever that label is.
 
     Junk rarely comes alone (noise images, blank scans, another domain): measured
     against every row, a cluster of it is its own neighbourhood. Junk carries arbitrary
@@ -226,9 +240,13 @@ def core_distances(
     example of another class and sits among that class's core rows. Columns are
     standardized by the reference sample's spread, floored at a tenth of the median
     column spread (a pixel that is nearly constant in the data would otherwise blow
-    noise up), rows scaled to unit length (cosine geometry, chord in [0, 2]). The
-    reference sample holds up to ``reference_rows`` rows, a quota of every class
-    (``seed``); a row never counts itself.
+    noise up). ``geometry="cosine"``: rows then scaled to unit length and compared by
+    the chord of their angle (in [0, 2]), for images and wide inputs, where a row's
+    overall scale is brightness or contrast and every standardized row is far from the
+    mean (``outlier_geometry``); ``"euclidean"``: the standardized rows as they are, for
+    narrow tables, where a row near the mean has no stable direction and its magnitude
+    is information. The reference sample holds up to ``reference_rows`` rows, a quota
+    of every class (``seed``); a row never counts itself.
 
     Returns
     -------
@@ -258,19 +276,25 @@ def core_distances(
     positive = std[std > 0]
     std = np.maximum(std, 0.1 * float(np.median(positive)) if positive.size else 1.0)
 
-    def unit_rows(block: np.ndarray) -> np.ndarray:
+    if geometry not in ("cosine", "euclidean"):
+        raise ValueError(f"geometry must be 'cosine' or 'euclidean', not {geometry!r}")
+
+    def embed(block: np.ndarray) -> np.ndarray:
         block = (block.astype(np.float64) - mean) / std
+        if geometry == "euclidean":
+            return block
         norms = np.linalg.norm(block, axis=1, keepdims=True)
         return block / np.where(norms > 0, norms, 1.0)
 
-    reference_unit = unit_rows(sample)
+    reference_embedded = embed(sample)
+    reference_squares = (reference_embedded * reference_embedded).sum(1)
     k = max(1, min(neighbours, len(reference) - 1))
     # Every row's share of its k nearest reference rows (itself excluded) that carry its label.
     agreement = np.empty(count)
     block_rows = max(1, block_elements // len(reference))
     for start in range(0, count, block_rows):
         rows = np.arange(start, min(count, start + block_rows))
-        chord = np.sqrt(np.clip(2.0 - 2.0 * unit_rows(features[rows]) @ reference_unit.T, 0.0, None))
+        chord = embedded_distances(embed(features[rows]), reference_embedded, reference_squares)
         chord[rows[:, None] == reference[None, :]] = np.inf
         nearest = np.argpartition(chord, k - 1, axis=1)[:, :k]
         agreement[rows] = (labels[reference][nearest] == labels[rows, None]).mean(1)
@@ -279,7 +303,7 @@ def core_distances(
         members[:] = True
     core[reference[members]] = True
     distances = np.empty(count)
-    nearest_mean_distances(features, np.arange(count), reference[members], reference_unit[members], unit_rows,
+    nearest_mean_distances(features, np.arange(count), reference[members], reference_embedded[members], embed,
                            max(1, min(k, int(members.sum()) - 1)), block_elements, distances)
     return distances, core, agreement > 0.5
 
@@ -342,12 +366,19 @@ def calibrated_flags(
     suggested = np.asarray(suggested, dtype=np.int64)
     posterior, groups, fallback_posterior = error_groups(difficulty, labels, class_count, margin, seed=seed)
     mislabeled = count_then_rank(posterior, difficulty, labels, suggested) & (suggested != labels)
-    # A class whose difficulties form one group: no count to take, so an example is
-    # called mislabeled only where the network contradicted its label, on average over
+    # A class without an error group: no count to take, so an example is called
+    # mislabeled only where the network contradicted its label, on average over
     # training, by a full margin (preferred another class by at least the margin a
-    # correct label must win by).
-    grouped = np.array([group["error_group"] for group in groups] + [False], dtype=bool)
-    contradicted = ~grouped[np.clip(labels, 0, class_count)] & (difficulty - margin >= margin) & (suggested != labels)
+    # correct label must win by), and only where the class is not one group (or too
+    # small to tell): the contradicted tail of one group is overlap, not errors.
+    one_group = [group["examples"] >= MIN_MIXTURE_EXAMPLES and "bic_one_group" in group
+                 and group["bic_one_group"] - group["bic_two_groups"] < MIN_FALLBACK_BIC_EVIDENCE
+                 for group in groups]
+    falls_back = np.array([not group["error_group"] and not alone for group, alone in zip(groups, one_group)]
+                          + [False], dtype=bool)
+    for group, alone in zip(groups, one_group):
+        group["fallback"] = bool(not group["error_group"] and not alone)
+    contradicted = falls_back[np.clip(labels, 0, class_count)] & (difficulty - margin >= margin) & (suggested != labels)
     mislabeled |= contradicted
     posterior = np.where(contradicted, fallback_posterior, posterior)
     preference = difficulty - margin

@@ -65,6 +65,17 @@ CLASS_MULTIPLIERS_MAX_CLASSES = 100
 # data (92.6% of them called outlier at 256, none at 128; benchmarks/verdicts.py).
 OUTLIER_IMAGE_SIDE = 16
 OUTLIER_MAX_FEATURES = 256
+# Images, text and inputs at least this wide are compared by angle (cosine geometry),
+# narrower tables by Euclidean distance after standardizing. A standardized row of d
+# independent columns has norm about sqrt(d) +- 0.7, so from a few dozen columns on no
+# row sits near the mean, where its direction would be noise; in a 6-column table
+# many do, and by angle they looked far from everything (clean overlapping mixtures:
+# 3.9-7.2% called outlier by angle, 1.2-1.7% by distance; on 64-pixel digits angle
+# is the better view: 0.6% vs 2.7% of clean rows; benchmarks/verdicts.py, tuning part).
+COSINE_MIN_FEATURES = 32
+# Text is read by the outlier check as counts of its hashed n-gram ids in this many
+# buckets (a bag of n-grams, compared by angle).
+OUTLIER_TEXT_BUCKETS = 256
 # summary.json lists the per-class thresholds up to this many classes.
 RULE_MAX_CLASSES = 100
 
@@ -99,7 +110,9 @@ def score_classification(
     if settings.train.score_state == "violation":  # the other states keep the Otsu rule, without outliers
         features = outlier_features(loaded.inputs, settings.train.seed)
         if features is not None:
-            distance, core, agreeing = core_distances(features, labels, seed=settings.train.seed)
+            geometry = ("cosine" if loaded.kind in ("images", "text") or features.shape[1] >= COSINE_MIN_FEATURES
+                        else "euclidean")
+            distance, core, agreeing = core_distances(features, labels, geometry=geometry, seed=settings.train.seed)
     flags, rule = classification_flags(scores, settings, labels=labels, class_count=len(loaded.class_names),
                                        distance=distance, core=core, agreeing=agreeing,
                                        class_names=loaded.class_names)
@@ -174,12 +187,18 @@ def competitor_margins(violations: np.ndarray, margin: float) -> np.ndarray:
 def outlier_features(inputs: Any, seed: int) -> np.ndarray | None:
     """The inputs as the outlier check reads them (float32, at most examples x
     OUTLIER_MAX_FEATURES): tables as they are, images average-pooled to at most
-    OUTLIER_IMAGE_SIDE. Images streamed from disk (``LazyImages``) are decoded once more
+    OUTLIER_IMAGE_SIDE, text (int64 n-gram ids) as id counts in OUTLIER_TEXT_BUCKETS
+    buckets. Images streamed from disk (``LazyImages``) are decoded once more
     here, a block at a time, so the flags do not depend on where the pixels were kept
     (``--max-memory-gb``); None for fewer than two examples."""
     streamed = isinstance(inputs, LazyImages)
     if not (streamed or isinstance(inputs, torch.Tensor)) or inputs.shape[0] < 2:
         return None
+    if not streamed and inputs.ndim == 2 and not inputs.is_floating_point():
+        ids = inputs.long()
+        counts = torch.zeros(ids.shape[0], OUTLIER_TEXT_BUCKETS)
+        counts.scatter_add_(1, ids % OUTLIER_TEXT_BUCKETS, (ids != 0).float())  # id 0 is padding
+        return counts.numpy()
     count = int(inputs.shape[0])
     rows = 4096 if not streamed else 256
 
@@ -337,6 +356,7 @@ def describe_calibrated_rule(
     if class_names is not None and len(class_names) <= RULE_MAX_CLASSES:
         described["class_thresholds"] = [
             {"class": name, "examples": groups[c]["examples"], "error_group": groups[c]["error_group"],
+             "fallback": groups[c].get("fallback", False),
              "expected_errors": groups[c]["expected_errors"],
              "median_difficulty": float(medians[c] + margin), "spread": float(scales[c]),
              "hard_from_difficulty": float(medians[c] + margin + rule["hard_z"] * scales[c]),
