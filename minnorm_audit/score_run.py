@@ -26,6 +26,7 @@ import pandas as pd
 import torch
 
 from .calibration import (
+    MIN_FALLBACK_BIC_EVIDENCE,
     MIN_RELATIVE_DISTANCE_SPREAD,
     NEIGHBOURS,
     OUTLIER_DISTANCE_Z,
@@ -333,13 +334,17 @@ def describe_calibrated_rule(
         f"mean difficulty is above the margin ({margin:g}: on average over training its examples preferred "
         "another class). Its expected size (the sum of the examples' posteriors) is the class's error count; "
         "that many examples are flagged from the top of the difficulty ranking within each (given, suggested) "
-        "pair of classes. "
+        "pair of classes. A class without such a group: mislabeled only where the network preferred another "
+        "class by at least the margin on average (difficulty at least twice the margin), and only where two "
+        f"groups still fit the class better than one by a BIC difference of at least {MIN_FALLBACK_BIC_EVIDENCE:g} "
+        "(or the class is too small to tell); otherwise its contradicted tail is overlap, not errors. "
         f"hard: not counted as an error, and difficulty at least {rule['hard_z']:g} robust spreads (1.4826 x MAD) "
         "above the median of its class's examples. "
     )
     if with_distance:
         text += (f"outlier (overrides both): mean distance to the {NEIGHBOURS} nearest rows of the data's core (the "
-                 "rows whose nearest neighbours mostly share their label; standardized inputs, cosine geometry) at least "
+                 "rows whose nearest neighbours mostly share their label; standardized inputs, by angle for images, text "
+                 f"and inputs of {COSINE_MIN_FEATURES}+ columns, by Euclidean distance for narrower tables) at least "
                  f"{rule['outlier_distance_z']:g} robust spreads above the median distance of the core rows of its "
                  "given class and of its suggested class, and most of its own nearest rows carry other labels. ")
     else:
