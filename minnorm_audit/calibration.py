@@ -371,13 +371,11 @@ def calibrated_flags(
     # training, by a full margin (preferred another class by at least the margin a
     # correct label must win by), and only where the class is not one group (or too
     # small to tell): the contradicted tail of one group is overlap, not errors.
-    one_group = [group["examples"] >= MIN_MIXTURE_EXAMPLES and "bic_one_group" in group
-                 and group["bic_one_group"] - group["bic_two_groups"] < MIN_FALLBACK_BIC_EVIDENCE
-                 for group in groups]
-    falls_back = np.array([not group["error_group"] and not alone for group, alone in zip(groups, one_group)]
-                          + [False], dtype=bool)
-    for group, alone in zip(groups, one_group):
-        group["fallback"] = bool(not group["error_group"] and not alone)
+    for group in groups:
+        one_group = ("bic_one_group" in group
+                     and group["bic_one_group"] - group["bic_two_groups"] < MIN_FALLBACK_BIC_EVIDENCE)
+        group["fallback"] = bool(not group["error_group"] and not one_group)
+    falls_back = np.array([group["fallback"] for group in groups] + [False], dtype=bool)
     contradicted = falls_back[np.clip(labels, 0, class_count)] & (difficulty - margin >= margin) & (suggested != labels)
     mislabeled |= contradicted
     posterior = np.where(contradicted, fallback_posterior, posterior)
